@@ -1,0 +1,107 @@
+"""``crome eval``: score held-out pairs with any scorer and write per-example and summary files.
+
+A scorer is anything with ``name`` and ``score(prompts, answers)``: a trained RM
+(:class:`crome.score.RewardModelScorer`) or a reference scorer that shows bias. Results are
+per eval set (``helpful-base``, ``llmbar`` …) with subsets inside; ``headline`` rows pool the
+subsets people quote (e.g. the four LLMBar Adversarial files, 319 pairs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from crome.data.schema import PairRecord
+from crome.data.sources import LLMBAR_ADVERSARIAL, SourceResult, load_source
+from crome.evaluate.metrics import PairOutcome, overall_accuracy, pair_outcomes, summarize
+from crome.evaluate.reference import Scorer, score_pairs
+
+# The held-out sets of the quickstart (../shared/data/README.md: never used for training).
+HELD_OUT = ("hh-rlhf/helpful-base", "hh-rlhf/harmless-base", "llmbar", "xstest")
+
+# Rows of the headline table: (label, eval set, subsets pooled or None for all).
+HEADLINE_ROWS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
+    ("helpful-base", "hh-rlhf/helpful-base", None),
+    ("harmless-base", "hh-rlhf/harmless-base", None),
+    ("LLMBar Natural", "llmbar", ("llmbar-natural",)),
+    ("LLMBar Adversarial", "llmbar", LLMBAR_ADVERSARIAL),
+    ("LLMBar Processed", "llmbar", ("llmbar-processed-mtbench", "llmbar-processed-llmeval2",
+                                     "llmbar-processed-faireval")),
+    ("XSTest should-respond", "xstest", ("xstest-should-respond",)),
+    ("XSTest should-refuse", "xstest", ("xstest-should-refuse",)),
+    ("XSTest all", "xstest", None),
+)
+
+
+@dataclass
+class EvalSet:
+    name: str
+    records: list[PairRecord]
+    skipped: dict[str, int] = field(default_factory=dict)
+
+
+def load_eval_sets(names: Sequence[str], data_dir: str | os.PathLike[str] | None = None,
+                   limit: int | None = None) -> list[EvalSet]:
+    """Eval sets by source name (see ``crome.data.sources.SOURCES``) or by file path."""
+    from crome.data.io import read_pairs
+
+    sets = []
+    for name in names:
+        if Path(name).suffix and Path(name).exists():
+            recs = read_pairs(name)
+            sets.append(EvalSet(Path(name).stem, recs[:limit] if limit else recs))
+            continue
+        res: SourceResult = load_source(name, data_dir=Path(data_dir) if data_dir else None,
+                                        limit=limit)
+        sets.append(EvalSet(name, res.records, dict(res.skipped)))
+    return sets
+
+
+def evaluate_scorer(scorer: Scorer, sets: Sequence[EvalSet],
+                    output_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+    """Score every set; returns (and writes) ``{set: summary}`` plus headline rows."""
+    results: dict[str, Any] = {"scorer": scorer.name, "sets": {}}
+    outcomes_by_set: dict[str, list[PairOutcome]] = {}
+    out = Path(output_dir) if output_dir is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    for es in sets:
+        chosen, rejected = score_pairs(scorer, es.records)
+        outcomes = pair_outcomes(es.records, chosen, rejected)
+        outcomes_by_set[es.name] = outcomes
+        summary = summarize(outcomes)
+        summary["skipped_at_load"] = es.skipped
+        results["sets"][es.name] = summary
+        if out is not None:
+            path = out / f"examples-{_slug(scorer.name)}-{_slug(es.name)}.jsonl"
+            with open(path, "w", encoding="utf-8") as fh:
+                for o in outcomes:
+                    fh.write(json.dumps(o.to_dict()) + "\n")
+    results["headline"] = headline(outcomes_by_set)
+    if out is not None:
+        (out / f"results-{_slug(scorer.name)}.json").write_text(
+            json.dumps(results, indent=2, allow_nan=False) + "\n")
+    return results
+
+
+def headline(outcomes_by_set: Mapping[str, Sequence[PairOutcome]]) -> dict[str, dict[str, Any]]:
+    """Pooled accuracy of the headline rows whose set was evaluated."""
+    rows: dict[str, dict[str, Any]] = {}
+    for label, set_name, subsets in HEADLINE_ROWS:
+        outcomes = outcomes_by_set.get(set_name)
+        if outcomes is None:
+            continue
+        chosen = [o for o in outcomes if subsets is None or o.subset in subsets]
+        if chosen:
+            rows[label] = {"n": sum(o.is_preference for o in chosen),
+                           "accuracy": overall_accuracy(chosen),
+                           "ties": sum(o.outcome == "tie" for o in chosen)}
+    return rows
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)

@@ -1,0 +1,185 @@
+"""Batch scoring with a reward model: fast, in input order, and independent of batch size.
+
+Speed comes from sorting by length: sequences of similar length share a batch, so little
+compute is spent on padding. Batch-size independence is by construction, because a CPU matrix
+multiply gives a row a result that depends on the shape of the batch it sits in (we measured
+differences of ~2e-8 between batch sizes 1, 7 and 32 with plain padding). So:
+
+* each sequence is padded to a multiple of ``PAD_MULTIPLE`` tokens that depends on its own
+  length only, and batches hold sequences of one such length bucket;
+* every forward pass runs on blocks of exactly ``BLOCK_ROWS`` rows (a short block is filled
+  with copies of its first row, whose results are thrown away), and ``batch_size`` is rounded
+  up to a multiple of ``BLOCK_ROWS``.
+
+With both, a sequence's reward is bit-identical for any batch size (``tests/test_score.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from crome.data.io import ReadReport, read_pairs
+from crome.data.schema import PairRecord, Prompt
+from crome.model import Encoded, RewardModel, TruncationCounts
+
+BLOCK_ROWS = 8
+PAD_MULTIPLE = 16
+
+
+@dataclass
+class ScoreOptions:
+    batch_size: int = 64
+    bf16: bool = False  # fp32 by default: scores are a measurement, keep them exact
+
+
+@dataclass
+class ScoreStats:
+    sequences: int = 0
+    real_tokens: int = 0
+    padded_tokens: int = 0
+    seconds: float = 0.0
+    truncation: TruncationCounts = field(default_factory=TruncationCounts)
+
+    @property
+    def non_padding_fraction(self) -> float:
+        return self.real_tokens / self.padded_tokens if self.padded_tokens else 1.0
+
+
+def bf16_supported() -> bool:
+    """Whether bf16 autocast pays off here: a CUDA device, or a CPU with native bf16 math
+    (AVX512-BF16 or AMX). Without it PyTorch emulates bf16, and we measured training 20x
+    *slower* than fp32 on an AVX2-only EPYC, so ``auto`` means fp32 there."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="ignore") as fh:
+            flags = next((line for line in fh if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def resolve_bf16(setting: bool | None) -> bool:
+    """``None`` means auto (see :func:`bf16_supported`)."""
+    return bf16_supported() if setting is None else setting
+
+
+def autocast(enabled: bool):  # type: ignore[no-untyped-def]
+    """bf16 autocast on CPU (a no-op context when disabled)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def score_encoded(rm: RewardModel, encs: Sequence[Encoded], options: ScoreOptions | None = None,
+                  stats: ScoreStats | None = None,
+                  on_batch: Callable[[int], None] | None = None) -> list[float]:
+    """Rewards for already-encoded sequences, in their order."""
+    opts = options or ScoreOptions()
+    bs = max(BLOCK_ROWS, -(-opts.batch_size // BLOCK_ROWS) * BLOCK_ROWS)
+    buckets: dict[int, list[int]] = defaultdict(list)
+    for i, e in enumerate(encs):
+        buckets[-(-len(e) // PAD_MULTIPLE)].append(i)
+    out: list[float] = [0.0] * len(encs)
+    was_training = rm.model.training
+    rm.model.eval()
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode(), autocast(opts.bf16):
+            for key in sorted(buckets):
+                idxs = buckets[key]
+                for s in range(0, len(idxs), bs):
+                    chunk = idxs[s:s + bs]
+                    rows = [encs[i] for i in chunk]
+                    rows += [rows[0]] * (-len(rows) % BLOCK_ROWS)
+                    batch = rm.formatter.collate(rows, PAD_MULTIPLE)
+                    rewards = rm.forward(batch).float().tolist()
+                    for i, r in zip(chunk, rewards):
+                        out[i] = r
+                    if stats is not None:
+                        stats.real_tokens += sum(len(encs[i]) for i in chunk)
+                        stats.padded_tokens += int(batch.input_ids.numel())
+                    if on_batch is not None:
+                        on_batch(len(chunk))
+    finally:
+        rm.model.train(was_training)
+    if stats is not None:
+        stats.sequences += len(encs)
+        stats.seconds += time.perf_counter() - start
+    return out
+
+
+def score_texts(rm: RewardModel, prompts: Sequence[Prompt], answers: Sequence[str],
+                options: ScoreOptions | None = None, stats: ScoreStats | None = None,
+                on_batch: Callable[[int], None] | None = None) -> list[float]:
+    counts = stats.truncation if stats is not None else None
+    encs = rm.formatter.encode_many(list(prompts), list(answers), counts)
+    return score_encoded(rm, encs, options, stats, on_batch)
+
+
+def score_pairs(rm: RewardModel, records: Sequence[PairRecord],
+                options: ScoreOptions | None = None, stats: ScoreStats | None = None,
+                on_batch: Callable[[int], None] | None = None,
+                ) -> tuple[list[float], list[float]]:
+    """Rewards of the chosen and the rejected answer of every record (one scoring pass)."""
+    prompts = [r.prompt for r in records]
+    answers = [r.chosen for r in records] + [r.rejected for r in records]
+    scores = score_texts(rm, prompts + prompts, answers, options, stats, on_batch)
+    n = len(records)
+    return scores[:n], scores[n:]
+
+
+class RewardModelScorer:
+    """A trained RM behind the same ``Scorer`` protocol as the reference scorers."""
+
+    def __init__(self, rm: RewardModel, options: ScoreOptions | None = None,
+                 name: str = "reward-model") -> None:
+        self.rm = rm
+        self.options = options or ScoreOptions()
+        self.name = name
+        self.stats = ScoreStats()
+
+    def score(self, prompts: Sequence[Prompt], answers: Sequence[str]) -> list[float]:
+        return score_texts(self.rm, prompts, answers, self.options, self.stats)
+
+
+def write_scores(records: Sequence[PairRecord], chosen: Sequence[float],
+                 rejected: Sequence[float], path: str | os.PathLike[str]) -> Path:
+    """One row per record, in input order: id, reward_chosen, reward_rejected, margin."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    rows: list[dict[str, Any]] = [
+        {"id": r.id, "subset": r.subset, "label": r.label, "reward_chosen": c,
+         "reward_rejected": j, "margin": c - j}
+        for r, c, j in zip(records, chosen, rejected, strict=True)]
+    if p.suffix in (".parquet", ".pq"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), p)
+    else:
+        with open(p, "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+    return p
+
+
+def score_file(model_dir: str | os.PathLike[str], input_path: str | os.PathLike[str],
+               output_path: str | os.PathLike[str], options: ScoreOptions | None = None,
+               skip_invalid: bool = False) -> tuple[ScoreStats, ReadReport]:
+    """``crome score``: read pairs, score both answers, write rewards in input order."""
+    report = ReadReport()
+    records = read_pairs(input_path, skip_invalid=skip_invalid, report=report)
+    rm = RewardModel.load(model_dir)
+    stats = ScoreStats()
+    chosen, rejected = score_pairs(rm, records, options, stats)
+    write_scores(records, chosen, rejected, output_path)
+    return stats, report
