@@ -40,6 +40,7 @@ from crome.data.sources import (
     gsm8k_pairs,
     load_gsm8k,
     load_hh_rlhf,
+    load_named,
     load_llmbar,
     load_rewardbench,
     load_source,
@@ -53,7 +54,8 @@ __all__ = [
     "XSTEST_SUBSETS", "DataDirError", "GSM8KItem", "GSM8KItems", "Label", "Message",
     "PairRecord", "Prompt", "ReadReport", "RecordError", "SourceResult", "detect_format",
     "final_number", "from_dataset", "gsm8k_pairs", "iter_pairs", "load_gsm8k",
-    "load_hh_rlhf", "load_llmbar", "load_rewardbench", "load_source", "load_xstest",
+    "load_hh_rlhf",
+    "load_named", "load_llmbar", "load_rewardbench", "load_source", "load_xstest",
     "prompt_text", "read_pairs", "resolve_data_dir", "to_dataset", "validate_messages",
     "validate_record", "write_pairs",
 ]

@@ -83,7 +83,7 @@ def _raw_rows(path: Path, fmt: str) -> Iterator[tuple[int, Any, RecordError | No
                 try:
                     yield lineno, json.loads(text), None
                 except json.JSONDecodeError as e:
-                    yield lineno, None, RecordError(f"invalid JSON ({e.msg} at column {e.colno})")
+                    yield lineno, None, RecordError(f"invalid JSON ({e.msg}, column {e.colno})")
     elif fmt == "json":
         try:
             data = json.loads(path.read_bytes().decode("utf-8-sig"))

@@ -500,3 +500,25 @@ def load_source(name: str, data_dir: Path | None = None,
     if loader is None:
         raise ValueError(f"unknown source {name!r}; known: {', '.join(SOURCES)}")
     return loader(data_dir=data_dir, limit=limit)
+
+
+def load_named(name: str, data_dir: Path | None = None, limit: int | None = None,
+               skip_invalid: bool = False) -> SourceResult:
+    """A registry source (``hh-rlhf/helpful-base``) or a pair file (``my.jsonl``), one way in
+    for every command that takes ``--data``."""
+    if name in SOURCES:
+        return load_source(name, data_dir=data_dir, limit=limit)
+    path = Path(name)
+    if not path.exists():
+        raise ValueError(f"{name!r} is neither a known source ({', '.join(SOURCES)}) "
+                         f"nor an existing file")
+    from crome.data.io import ReadReport, iter_pairs
+
+    report = ReadReport()
+    result = SourceResult(name=path.stem)
+    for rec in iter_pairs(path, skip_invalid=skip_invalid, report=report):
+        if limit is not None and len(result.records) >= limit:
+            break
+        result.records.append(rec)
+    result.skipped.update(report.reasons)
+    return result

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from crome.data.schema import PairRecord
-from crome.data.sources import LLMBAR_ADVERSARIAL, SourceResult, load_source
+from crome.data.sources import LLMBAR_ADVERSARIAL, SOURCES, load_named
 from crome.evaluate.metrics import PairOutcome, overall_accuracy, pair_outcomes, summarize
 from crome.evaluate.reference import Scorer, score_pairs
 
@@ -46,18 +47,24 @@ class EvalSet:
 
 def load_eval_sets(names: Sequence[str], data_dir: str | os.PathLike[str] | None = None,
                    limit: int | None = None) -> list[EvalSet]:
-    """Eval sets by source name (see ``crome.data.sources.SOURCES``) or by file path."""
-    from crome.data.io import read_pairs
+    """Eval sets by source name (see ``crome.data.sources.SOURCES``) or by file path.
 
+    ``limit`` keeps the first N pairs *of each subset*, so a quick look at LLMBar still sees
+    its adversarial files and not only the first one.
+    """
     sets = []
     for name in names:
-        if Path(name).suffix and Path(name).exists():
-            recs = read_pairs(name)
-            sets.append(EvalSet(Path(name).stem, recs[:limit] if limit else recs))
-            continue
-        res: SourceResult = load_source(name, data_dir=Path(data_dir) if data_dir else None,
-                                        limit=limit)
-        sets.append(EvalSet(name, res.records, dict(res.skipped)))
+        res = load_named(name, data_dir=Path(data_dir) if data_dir else None)
+        label = name if name in SOURCES else res.name
+        records = res.records
+        if limit is not None:
+            taken: Counter[str] = Counter()
+            records = []
+            for r in res.records:
+                if taken[r.subset] < limit:
+                    taken[r.subset] += 1
+                    records.append(r)
+        sets.append(EvalSet(label, records, dict(res.skipped)))
     return sets
 
 

@@ -1,0 +1,223 @@
+"""The ``crome`` command: one command per stage, each only wiring options to a function.
+
+Bad input ends in one line on stderr (``crome: error: <file>:line N: field 'x': …``) and exit
+status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from packages or local folders
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import typer  # noqa: E402
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="crome: causally robust reward models (Crome, arXiv 2506.16507).")
+
+DataOpt = Annotated[list[str], typer.Option("--data", "-d",
+                    help="A source name (see `crome sources`) or a pair file; repeatable.")]
+DataDirOpt = Annotated[str | None, typer.Option(
+    "--data-dir", help="Folder of the public data sets (default: $CROME_DATA, ../shared/data).")]
+SkipOpt = Annotated[bool, typer.Option("--skip-invalid",
+                    help="Skip invalid records (counted and reported) instead of stopping.")]
+
+
+def _load(names: list[str], data_dir: str | None, limit: int | None = None,
+          skip_invalid: bool = False) -> list:  # type: ignore[type-arg]
+    from crome.data.sources import load_named
+
+    records = []
+    for name in names:
+        res = load_named(name, Path(data_dir) if data_dir else None, limit, skip_invalid)
+        typer.echo(res.summary(), err=True)
+        records += res.records
+    return records
+
+
+@app.command()
+def sources() -> None:
+    """List the named public data sources."""
+    from crome.data.sources import SOURCES
+
+    for name in SOURCES:
+        typer.echo(name)
+
+
+@app.command()
+def validate(path: Path, skip_invalid: SkipOpt = False) -> None:
+    """Check a pair file (JSONL, JSON, CSV, Parquet) against the record schema."""
+    from crome.data.io import ReadReport, iter_pairs
+
+    report = ReadReport()
+    for _ in iter_pairs(path, skip_invalid=skip_invalid, report=report):
+        pass
+    typer.echo(report.summary())
+    for example in report.examples:
+        typer.echo(f"  skipped: {example}")
+
+
+@app.command()
+def export(source: str, output: Path, data_dir: DataDirOpt = None,
+           limit: Annotated[int | None, typer.Option()] = None) -> None:
+    """Write a named source as a pair file (format from the suffix)."""
+    from crome.data.io import write_pairs
+
+    n = write_pairs(_load([source], data_dir, limit), output)
+    typer.echo(f"wrote {n} records to {output}")
+
+
+@app.command("train")
+def train_cmd(
+    data: DataOpt,
+    output_dir: Annotated[str, typer.Option("--out", "-o")] = "runs/rm",
+    eval_data: Annotated[list[str] | None, typer.Option("--eval-data")] = None,
+    data_dir: DataDirOpt = None,
+    backbone: Annotated[str | None, typer.Option(help="HF model dir; default: packaged MiniLM")] = None,
+    max_length: int = 256,
+    min_prompt_tokens: int = 64,
+    epochs: float = 1.0,
+    batch_size: Annotated[int, typer.Option(help="Pairs per optimizer step, all processes")] = 16,
+    grad_accum: int = 1,
+    lr: float = 3e-5,
+    tie_weight: Annotated[float, typer.Option(help="λ of the tie loss")] = 1.0,
+    margin: float = 0.0,
+    center_coef: float = 0.0,
+    bf16: Annotated[bool | None, typer.Option("--bf16/--no-bf16", help="Default: auto")] = None,
+    dropout: Annotated[bool, typer.Option("--dropout/--no-dropout")] = False,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank; 0 = full fine-tuning")] = 0,
+    seed: int = 0,
+    max_steps: int | None = None,
+    max_train: Annotated[int | None, typer.Option(help="Use the first N pairs")] = None,
+    checkpoint_every: int = 0,
+    eval_every: int = 0,
+    resume: bool = False,
+    skip_invalid: SkipOpt = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Train a reward model (BT on preferences, tie loss on neutral pairs)."""
+    from crome.model import LoraOptions, ModelOptions
+    from crome.train import TrainOptions, train
+
+    records = _load(data, data_dir, max_train, skip_invalid)
+    evals = _load(eval_data, data_dir) if eval_data else None
+    opts = TrainOptions(
+        output_dir=output_dir,
+        model=ModelOptions(backbone=backbone, max_length=max_length,
+                           min_prompt_tokens=min_prompt_tokens, dropout=dropout,
+                           lora=LoraOptions(r=lora_r, alpha=2 * lora_r) if lora_r else None,
+                           seed=seed),
+        epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
+        tie_weight=tie_weight, margin=margin, center_coef=center_coef, bf16=bf16, seed=seed,
+        max_steps=max_steps, checkpoint_every=checkpoint_every, eval_every=eval_every,
+        resume=resume, progress=progress)
+    summary = train(records, opts, evals)
+    typer.echo(f"{summary.steps} steps, {summary.pairs_per_second:.2f} pairs/s, "
+               f"non-padding {summary.non_padding_fraction:.1%}; model saved to {output_dir}")
+
+
+@app.command("score")
+def score_cmd(
+    input: Path,
+    output: Path,
+    model: Annotated[Path, typer.Option("--model", "-m")],
+    batch_size: int = 64,
+    bf16: Annotated[bool, typer.Option("--bf16/--no-bf16")] = False,
+    skip_invalid: SkipOpt = False,
+) -> None:
+    """Score both answers of every pair; rewards are written in input order."""
+    from crome.score import ScoreOptions, score_file
+
+    stats, report = score_file(model, input, output, ScoreOptions(batch_size, bf16),
+                               skip_invalid)
+    typer.echo(report.summary(), err=True)
+    typer.echo(f"scored {stats.sequences} answers in {stats.seconds:.1f} s "
+               f"({stats.sequences / max(stats.seconds, 1e-9):.1f}/s); "
+               f"{stats.truncation.summary()}; wrote {output}")
+
+
+@app.command("eval")
+def eval_cmd(
+    data: DataOpt,
+    model: Annotated[list[Path] | None, typer.Option("--model", "-m")] = None,
+    reference: Annotated[list[str] | None, typer.Option(
+        help="Reference scorer: longer-wins, markdown-wins; repeatable")] = None,
+    output_dir: Annotated[Path, typer.Option("--out", "-o")] = Path("runs/eval"),
+    data_dir: DataDirOpt = None,
+    max_eval: Annotated[int | None, typer.Option(help="First N pairs per subset")] = None,
+    batch_size: int = 64,
+    bf16: Annotated[bool, typer.Option("--bf16/--no-bf16")] = False,
+) -> None:
+    """Pairwise accuracy per subset (ties wrong), RewardBench sections, length bias."""
+    from crome.evaluate.reference import get_reference_scorer
+    from crome.evaluate.run import evaluate_scorer, load_eval_sets
+    from crome.model import RewardModel
+    from crome.quickstart import markdown_table, results_table
+    from crome.score import RewardModelScorer, ScoreOptions
+
+    if not model and not reference:
+        raise typer.BadParameter("give --model and/or --reference")
+    sets = load_eval_sets(data, data_dir, max_eval)
+    scorers = [get_reference_scorer(r) for r in reference or []]
+    scorers += [RewardModelScorer(RewardModel.load(m), ScoreOptions(batch_size, bf16),
+                                  name=m.name) for m in model or []]
+    results = {s.name: evaluate_scorer(s, sets, output_dir) for s in scorers}
+    typer.echo(markdown_table(results_table(results)))
+    (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    typer.echo(f"per-example outputs and results in {output_dir}")
+
+
+@app.command("quickstart")
+def quickstart_cmd(
+    output_dir: Annotated[str, typer.Option("--out", "-o")] = "runs/quickstart",
+    data_dir: DataDirOpt = None,
+    max_train: Annotated[int | None, typer.Option(help="Training pairs (seeded sample)")] = None,
+    max_eval: Annotated[int | None, typer.Option(help="First N pairs per held-out subset")] = None,
+    max_length: int = 128,
+    epochs: float = 1.0,
+    lr: float = 3e-5,
+    seed: int = 0,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Train the default RM on hh-rlhf and compare it with reference scorers on held-out sets."""
+    from crome.quickstart import QuickstartOptions, quickstart
+
+    quickstart(QuickstartOptions(output_dir=output_dir, data_dir=data_dir, max_train=max_train,
+                                 max_eval=max_eval, max_length=max_length, epochs=epochs,
+                                 lr=lr, seed=seed, progress=progress), echo=typer.echo)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: known errors become one line on stderr and exit status 2."""
+    import click
+
+    from crome.data.schema import RecordError
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        typer.echo("crome: aborted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except (RecordError, ValueError, OSError) as e:
+        message = " ".join(str(e).split()) if isinstance(e, RecordError) else str(e)
+        first = message.splitlines()[0] if message else type(e).__name__
+        rest = message.splitlines()[1:]
+        typer.echo(f"crome: error: {first}", err=True)
+        for line in rest:  # multi-line hints (e.g. where to put the data) stay readable
+            typer.echo(f"  {line}", err=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
