@@ -7,11 +7,14 @@ differences of ~2e-8 between batch sizes 1, 7 and 32 with plain padding). So:
 
 * each sequence is padded to a multiple of ``PAD_MULTIPLE`` tokens that depends on its own
   length only, and batches hold sequences of one such length bucket;
-* every forward pass runs on blocks of exactly ``BLOCK_ROWS`` rows (a short block is filled
-  with copies of its first row, whose results are thrown away), and ``batch_size`` is rounded
-  up to a multiple of ``BLOCK_ROWS``.
+* every forward pass runs on a whole number of ``BLOCK_ROWS``-row blocks: ``batch_size`` is
+  rounded up to a multiple of ``BLOCK_ROWS`` and a short chunk is filled with copies of its
+  first row (their results are thrown away).
 
-With both, a sequence's reward is bit-identical for any batch size (``tests/test_score.py``).
+With both, we measured a sequence's reward to be bit-identical for batch sizes 8 to 128, fp32
+and bf16, 1 and 2 threads; ``tests/test_score.py`` checks it on every run. It rests on the
+CPU kernels computing a row the same way in any block-aligned position (true of the oneDNN
+and MKL kernels PyTorch uses here), not on a proof.
 """
 
 from __future__ import annotations

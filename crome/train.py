@@ -15,7 +15,8 @@
 * **Nothing dropped silently.** Over-length pairs are truncated by the formatter (counted); a
   final global batch smaller than the number of processes cannot be split and is skipped
   and counted in the summary.
-* bf16 autocast on CPU by default, dropout off by default (see ``crome.model``).
+* bf16 autocast where the hardware has native bf16 (``crome.score.bf16_supported``), fp32
+  elsewhere; dropout off by default (see ``crome.model``).
 
 Run it with ``crome train`` or, for several processes, ``accelerate launch --num_processes 2
 -m crome.cli train …`` (gloo on CPU).

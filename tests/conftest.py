@@ -1,0 +1,175 @@
+"""Shared fixtures: tiny offline backbones built once per session, and small pair sets.
+
+The tiny models reuse the packaged MiniLM tokenizer (no network): a 2-layer BERT of width 32
+for the encoder path (pair template ``[CLS] p [SEP] a [SEP]``), and a 2-layer Llama of width
+32 whose tokenizer carries a Jinja chat template, a BOS and an EOS, for the decoder path.
+Most of their parameters are the 30522 x 32 embedding table; a forward pass takes a few ms.
+
+Torch runs with one thread (``CROME_TEST_THREADS`` to change): the models are too small to
+gain from more, and OpenMP threads spinning on busy cores made scoring 40x slower.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+TEST_THREADS = int(os.environ.get("CROME_TEST_THREADS", "1"))
+torch.set_num_threads(TEST_THREADS)
+
+from crome.data.schema import PairRecord  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}"
+    "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+
+# Plain words that the MiniLM vocabulary holds as single tokens.
+WORDS = ("the cat dog runs quickly over lazy fox answer question model reward house tree "
+         "river blue green small large happy water music city window paper light").split()
+
+
+def _tokenizer():
+    from transformers import AutoTokenizer
+
+    from crome.model import default_backbone
+
+    return AutoTokenizer.from_pretrained(default_backbone())
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    """A randomly initialised 2-layer BERT (width 32) with the MiniLM tokenizer."""
+    from transformers import BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("tiny-bert")
+    tok = _tokenizer()
+    config = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, intermediate_size=64,
+                        max_position_embeddings=512)
+    torch.manual_seed(1234)
+    BertModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory) -> str:
+    """A randomly initialised 2-layer Llama (width 32); its tokenizer has a chat template,
+    BOS ``[CLS]`` and EOS ``[SEP]``, and no token type ids (like a real decoder's)."""
+    from transformers import LlamaConfig, LlamaModel
+
+    path = tmp_path_factory.mktemp("tiny-chat")
+    tok = _tokenizer()
+    tok.bos_token = "[CLS]"
+    tok.eos_token = "[SEP]"
+    tok.chat_template = CHAT_TEMPLATE
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(1234)
+    LlamaModel(config).save_pretrained(path)
+    tok.save_pretrained(path)
+    cfg_path = path / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model_input_names"] = ["input_ids", "attention_mask"]
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+    return str(path)
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def varied_pairs(n: int, seed: int = 0, chat_every: int = 5) -> list[PairRecord]:
+    """``n`` preference pairs with prompt and answer lengths spread from 1 to ~70 words;
+    every ``chat_every``-th prompt is a multi-turn chat."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        if chat_every and i % chat_every == 0:
+            prompt: str | list[dict[str, str]] = [
+                {"role": "system", "content": sentence(rng, rng.randint(1, 5))},
+                {"role": "user", "content": sentence(rng, rng.randint(1, 10))},
+                {"role": "assistant", "content": sentence(rng, rng.randint(1, 10))},
+                {"role": "user", "content": sentence(rng, rng.randint(1, 10))}]
+        else:
+            prompt = sentence(rng, rng.randint(1, 30))
+        chosen = sentence(rng, rng.randint(1, 70))
+        rejected = sentence(rng, rng.randint(1, 70)) + " bad"
+        out.append(PairRecord(id=f"p{i}", prompt=prompt, chosen=chosen, rejected=rejected,
+                              source="unit", subset=f"s{i % 3}"))
+    return out
+
+
+def keyword_pairs(n: int, seed: int = 0, keyword: str = "excellent") -> list[PairRecord]:
+    """A toy signal: the chosen answer holds ``keyword``, the rejected one does not;
+    otherwise both are random words of random length (so length predicts nothing)."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        a = sentence(rng, rng.randint(3, 12)).split()
+        a.insert(rng.randint(0, len(a)), keyword)
+        out.append(PairRecord(id=f"k{i}", prompt=f"question {sentence(rng, 3)}",
+                              chosen=" ".join(a), rejected=sentence(rng, rng.randint(3, 13))))
+    return out
+
+
+def tie_pairs(n: int, seed: int = 0) -> list[PairRecord]:
+    """Neutral pairs whose two answers differ a lot (length, words)."""
+    rng = random.Random(seed)
+    return [PairRecord(id=f"t{i}", prompt=f"unrelated {sentence(rng, 4)}",
+                       chosen=sentence(rng, rng.randint(1, 4)),
+                       rejected=sentence(rng, rng.randint(15, 30)), label="tie")
+            for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def helpers():
+    """The record builders above, for test modules (which cannot import conftest)."""
+    class H:
+        pass
+
+    h = H()
+    h.varied_pairs = varied_pairs
+    h.keyword_pairs = keyword_pairs
+    h.tie_pairs = tie_pairs
+    h.sentence = sentence
+    h.cli_env = cli_env
+    h.free_port = free_port
+    h.run_cli = run_cli
+    return h
+
+
+def cli_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="",
+               OMP_NUM_THREADS=str(TEST_THREADS), MKL_NUM_THREADS=str(TEST_THREADS),
+               PYTHONWARNINGS="ignore", NO_COLOR="1", COLUMNS="200")
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args: str, cwd: str | os.PathLike[str] | None = None, timeout: int = 300):
+    """``python -m crome.cli ARGS`` in a subprocess; returns the CompletedProcess."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "crome.cli", *map(str, args)],
+                          capture_output=True, text=True, env=cli_env(),
+                          cwd=cwd or REPO, timeout=timeout)

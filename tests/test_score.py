@@ -1,0 +1,142 @@
+"""Scoring: bit-identical for any batch size, in input order, written one row per input."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from crome.data.io import write_pairs
+from crome.model import ModelOptions, RewardModel
+from crome.score import (
+    BLOCK_ROWS,
+    RewardModelScorer,
+    ScoreOptions,
+    ScoreStats,
+    score_file,
+    score_pairs,
+    score_texts,
+)
+
+BATCH_SIZES = (1, 8, 16, 64)
+
+
+def perturbed(backbone: str, seed: int = 0) -> RewardModel:
+    rm = RewardModel.create(ModelOptions(backbone=backbone, max_length=128,
+                                         min_prompt_tokens=16, seed=seed))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in rm.model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return rm
+
+
+@pytest.fixture(scope="module")
+def bert_rm(tiny_bert) -> RewardModel:
+    return perturbed(tiny_bert)
+
+
+@pytest.fixture(scope="module")
+def chat_rm(tiny_chat) -> RewardModel:
+    return perturbed(tiny_chat)
+
+
+@pytest.fixture(scope="module")
+def saved_rm(bert_rm, tmp_path_factory):
+    return bert_rm.save(tmp_path_factory.mktemp("saved-rm") / "rm")
+
+
+@pytest.mark.parametrize("which", ["bert_rm", "chat_rm"])
+def test_scores_are_identical_for_every_batch_size(request, helpers, which):
+    rm = request.getfixturevalue(which)
+    records = helpers.varied_pairs(40, seed=11)
+    lengths = {len(e) for e in rm.formatter.encode_many(
+        [r.prompt for r in records], [r.chosen for r in records])}
+    assert max(lengths) - min(lengths) > 60  # several length buckets
+    results = {bs: score_pairs(rm, records, ScoreOptions(batch_size=bs))
+               for bs in BATCH_SIZES}
+    for bs in BATCH_SIZES[1:]:
+        assert results[bs] == results[1], f"batch size {bs} differs from 1"
+    # and the same as scoring each answer on its own
+    one = score_texts(rm, [records[7].prompt], [records[7].rejected])
+    assert one == [results[1][1][7]]
+
+
+def test_scores_follow_the_input_order(bert_rm, helpers):
+    records = helpers.varied_pairs(40, seed=12)
+    chosen, rejected = score_pairs(bert_rm, records, ScoreOptions(batch_size=16))
+    assert len(set(chosen + rejected)) == 80  # distinct, so a mix-up would show
+    perm = list(range(len(records)))
+    random.Random(0).shuffle(perm)
+    c2, r2 = score_pairs(bert_rm, [records[i] for i in perm], ScoreOptions(batch_size=16))
+    assert c2 == [chosen[i] for i in perm]
+    assert r2 == [rejected[i] for i in perm]
+
+
+def test_score_pairs_matches_score_texts_and_counts(bert_rm, helpers):
+    records = helpers.varied_pairs(10, seed=13)
+    stats = ScoreStats()
+    chosen, rejected = score_pairs(bert_rm, records, ScoreOptions(batch_size=8), stats)
+    assert chosen == score_texts(bert_rm, [r.prompt for r in records],
+                                 [r.chosen for r in records])
+    assert rejected == score_texts(bert_rm, [r.prompt for r in records],
+                                   [r.rejected for r in records])
+    assert stats.sequences == 20 == stats.truncation.sequences
+    assert 0 < stats.non_padding_fraction <= 1
+    assert stats.padded_tokens % BLOCK_ROWS == 0
+
+
+def test_scoring_leaves_the_training_mode_alone(bert_rm, helpers):
+    bert_rm.model.train()
+    try:
+        score_pairs(bert_rm, helpers.varied_pairs(3))
+        assert bert_rm.model.training
+    finally:
+        bert_rm.model.eval()
+
+
+def test_scorer_protocol(bert_rm, helpers):
+    recs = helpers.varied_pairs(5, seed=14)
+    scorer = RewardModelScorer(bert_rm, ScoreOptions(batch_size=8), name="tiny")
+    got = scorer.score([r.prompt for r in recs], [r.chosen for r in recs])
+    assert got == score_pairs(bert_rm, recs)[0]
+    assert scorer.stats.sequences == 5
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_score_file_writes_one_row_per_input_in_input_order(saved_rm, helpers, tmp_path,
+                                                            suffix):
+    records = helpers.varied_pairs(30, seed=15)
+    random.Random(1).shuffle(records)  # ids not sorted, lengths not sorted
+    src = tmp_path / "in.jsonl"
+    write_pairs(records, src)
+    out = tmp_path / f"scores{suffix}"
+    stats, report = score_file(saved_rm, src, out, ScoreOptions(batch_size=16))
+    assert report.read == 30 and report.skipped == 0
+    assert stats.sequences == 60
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        rows = pq.read_table(out).to_pylist()
+    else:
+        rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [r.id for r in records]
+    assert [r["subset"] for r in rows] == [r.subset for r in records]
+    chosen, rejected = score_pairs(RewardModel.load(saved_rm), records)
+    assert [r["reward_chosen"] for r in rows] == chosen
+    assert [r["reward_rejected"] for r in rows] == rejected
+    assert [r["margin"] for r in rows] == [c - j for c, j in zip(chosen, rejected)]
+
+
+@pytest.mark.slow
+def test_real_minilm_scores_are_identical_for_every_batch_size(helpers):
+    """The packaged MiniLM (22M parameters): real matrix sizes, where a CPU matmul's result
+    can depend on the shape of the batch around a row."""
+    rm = RewardModel.create(ModelOptions(max_length=96, seed=0))
+    records = helpers.varied_pairs(12, seed=16)
+    results = {bs: score_pairs(rm, records, ScoreOptions(batch_size=bs))
+               for bs in BATCH_SIZES}
+    for bs in BATCH_SIZES[1:]:
+        assert results[bs] == results[1], f"batch size {bs} differs from 1"

@@ -1,0 +1,291 @@
+"""Training on tiny models: it learns, ties pull rewards together, resume and gradient
+accumulation change nothing, and two processes train the same model as one."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import crome.train as train_mod
+from crome.data.io import write_pairs
+from crome.model import LoraOptions, ModelOptions, RewardModel
+from crome.score import score_pairs
+from crome.train import LOG_FILE, SUMMARY_FILE, TrainOptions, train
+
+
+def options(backbone: str, out: Path, **kw) -> TrainOptions:
+    model = kw.pop("model", None) or ModelOptions(backbone=backbone, max_length=64)
+    base = dict(output_dir=str(out), model=model, batch_size=8, lr=3e-3, bf16=False,
+                progress=False, log_every=1, warmup_ratio=0.0)
+    base.update(kw)
+    return TrainOptions(**base)
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+def accuracy(rm: RewardModel, records) -> float:
+    chosen, rejected = score_pairs(rm, records)
+    return sum(c > r for c, r in zip(chosen, rejected)) / len(records)
+
+
+def test_tiny_run_learns_a_keyword(tiny_bert, helpers, tmp_path):
+    records = helpers.keyword_pairs(32, seed=0)
+    out = tmp_path / "run"
+    before = accuracy(RewardModel.create(ModelOptions(backbone=tiny_bert, max_length=64)),
+                      records)
+    summary = train(records, options(tiny_bert, out, epochs=5))
+    assert summary.steps == 20 and summary.pairs == 32 and summary.ties == 0
+    assert summary.epochs == 5.0 and summary.num_processes == 1
+    assert 0 < summary.non_padding_fraction <= 1
+    losses = [json.loads(line)["loss"] for line in (out / LOG_FILE).read_text().splitlines()]
+    assert len(losses) == 20
+    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+    assert json.loads((out / SUMMARY_FILE).read_text())["steps"] == 20
+    after = accuracy(RewardModel.load(out), records)
+    assert after > 0.9 > before
+
+
+def test_tie_pairs_pull_rewards_together(tiny_bert, helpers, tmp_path):
+    records = helpers.tie_pairs(16, seed=0)
+    model = ModelOptions(backbone=tiny_bert, max_length=64, seed=3)
+    start = RewardModel.create(model)
+    # give the start model a real spread, as a model trained on preferences would have
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in start.model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    start.save(tmp_path / "start")
+    c0, r0 = score_pairs(start, records)
+    gap_before = np.mean(np.abs(np.subtract(c0, r0)))
+    summary = train(records, options(str(tmp_path / "start"), tmp_path / "run", epochs=6,
+                                     lr=3e-3, model=ModelOptions(
+                                         backbone=str(tmp_path / "start"), max_length=64)))
+    assert summary.ties == 16
+    c1, r1 = score_pairs(RewardModel.load(tmp_path / "run"), records)
+    gap_after = np.mean(np.abs(np.subtract(c1, r1)))
+    assert gap_before > 1e-3
+    assert gap_after < 0.5 * gap_before
+
+
+class Crash(Exception):
+    pass
+
+
+def test_resume_after_a_crash_matches_an_uninterrupted_run(tiny_bert, helpers, tmp_path,
+                                                           monkeypatch):
+    records = helpers.keyword_pairs(24, seed=4)
+    kw = dict(epochs=2, batch_size=4, checkpoint_every=4)  # 6 steps per epoch, 12 in all
+    full = tmp_path / "full"
+    train(records, options(tiny_bert, full, **kw))
+
+    run = tmp_path / "run"
+    real_checkpoint = train_mod._checkpoint
+
+    def checkpoint_then_crash(accelerator, out, step, keep):
+        real_checkpoint(accelerator, out, step, keep)
+        if step == 8:  # inside the second epoch
+            raise Crash
+
+    monkeypatch.setattr(train_mod, "_checkpoint", checkpoint_then_crash)
+    with pytest.raises(Crash):
+        train(records, options(tiny_bert, run, **kw))
+    monkeypatch.undo()
+    assert not (run / "model.safetensors").exists()
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-4", "step-8"]
+
+    summary = train(records, options(tiny_bert, run, resume=True, **kw))
+    assert summary.resumed_from_step == 8 and summary.steps == 12
+    diff = max_abs_diff(weights(run), weights(full))
+    assert diff <= 1e-6, diff
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "crome/train.py train(): max_steps caps total_steps, and total_steps sets the linear LR "
+    "schedule (get_linear_schedule_with_warmup(..., total_steps)), so a run stopped with "
+    "max_steps takes its steps at other learning rates than the same steps of the full run; "
+    "and its last step is never checkpointed (`step < total_steps`), so resume starts "
+    "from an earlier checkpoint of that different schedule"))
+def test_resume_after_max_steps_matches_an_uninterrupted_run(tiny_bert, helpers, tmp_path):
+    records = helpers.keyword_pairs(24, seed=4)
+    kw = dict(epochs=2, batch_size=4, checkpoint_every=2)
+    full = tmp_path / "full"
+    train(records, options(tiny_bert, full, **kw))
+    run = tmp_path / "run"
+    first = train(records, options(tiny_bert, run, max_steps=4, **kw))
+    assert first.steps == 4
+    summary = train(records, options(tiny_bert, run, resume=True, **kw))
+    assert summary.steps == 12
+    assert max_abs_diff(weights(run), weights(full)) <= 1e-6
+
+
+def margins(run_dir: Path, records) -> np.ndarray:
+    chosen, rejected = score_pairs(RewardModel.load(run_dir), records)
+    return np.subtract(chosen, rejected)
+
+
+HEAD_BIAS = "classifier.bias"
+
+
+@pytest.fixture(scope="module")
+def accum_runs(tiny_bert, helpers, tmp_path_factory):
+    """The same 24 pairs (16 preferences, 8 ties) trained with grad_accum 1 and 2."""
+    records = helpers.keyword_pairs(16, seed=5) + helpers.tie_pairs(8, seed=5)
+    tmp = tmp_path_factory.mktemp("accum")
+    runs = {accum: tmp / f"accum{accum}" for accum in (1, 2)}
+    for accum, out in runs.items():
+        train(records, options(tiny_bert, out, epochs=2, grad_accum=accum))
+    return records, runs
+
+
+def test_grad_accum_matches_a_single_micro_batch(tiny_bert, accum_runs):
+    records, runs = accum_runs
+    wa, wb = weights(runs[1]), weights(runs[2])
+    start = RewardModel.create(ModelOptions(backbone=tiny_bert, max_length=64))
+    start_w = {k: v for k, v in start.model.state_dict().items() if k in wa}
+    assert max_abs_diff(wa, start_w) > 1e-3  # training did move the weights
+    # Everything but the head's bias (see the next test) within float noise ...
+    drop = lambda w: {k: v for k, v in w.items() if k != HEAD_BIAS}  # noqa: E731
+    assert max_abs_diff(drop(wa), drop(wb)) <= 5e-4
+    # ... and what the model says about every pair, its margin, agrees tightly.
+    np.testing.assert_allclose(margins(runs[2], records), margins(runs[1], records),
+                               atol=1e-4, rtol=0)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "crome/train.py + crome/model.py: BT and tie losses are invariant to a common shift of "
+    "the rewards, so the head bias (BERT's classifier.bias) gets no true gradient; its "
+    "gradient is float rounding noise (~1e-8, e.g. -2.98e-08 vs 0.0 for the same 8 pairs "
+    "chunked as 8 or 16 rows) and AdamW (eps 1e-8) turns that noise into steps of up to ~lr. "
+    "The absolute rewards then depend on how a batch is split (grad_accum, processes) by "
+    "~lr x steps (classifier.bias differs by 8.8e-3 after 6 steps at lr 3e-3 here), while "
+    "the margins agree to 4e-8"))
+def test_grad_accum_gives_the_same_absolute_rewards(accum_runs):
+    records, runs = accum_runs
+    assert max_abs_diff(weights(runs[1]), weights(runs[2])) <= 1e-4
+    a = score_pairs(RewardModel.load(runs[1]), records[:4])
+    b = score_pairs(RewardModel.load(runs[2]), records[:4])
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=0)
+
+
+def test_batch_smaller_than_processes_times_accumulation_is_refused(tiny_bert, helpers,
+                                                                     tmp_path):
+    with pytest.raises(ValueError, match="batch_size 2 is smaller"):
+        train(helpers.keyword_pairs(4), options(tiny_bert, tmp_path / "r", batch_size=2,
+                                                grad_accum=4))
+
+
+def test_truncation_is_counted_in_the_summary(tiny_bert, helpers, tmp_path):
+    records = helpers.varied_pairs(8, seed=6)
+    summary = train(records, options(tiny_bert, tmp_path / "r", max_steps=1,
+                                     model=ModelOptions(backbone=tiny_bert, max_length=24,
+                                                        min_prompt_tokens=4)))
+    t = summary.truncation
+    assert t["sequences"] == 16
+    assert t["prompt_truncated"] > 0 and t["answer_truncated"] > 0
+    saved = json.loads((tmp_path / "r" / SUMMARY_FILE).read_text())
+    assert saved["truncation"] == t
+
+
+def test_lora_training_saves_the_trained_head(tiny_bert, helpers, tmp_path):
+    records = helpers.keyword_pairs(16, seed=7)
+    model = ModelOptions(backbone=tiny_bert, max_length=64, seed=2,
+                         lora=LoraOptions(r=4, alpha=8, target_modules=["query", "value"]))
+    out = tmp_path / "lora"
+    train(records, options(tiny_bert, out, epochs=3, lr=1e-2, model=model))
+    saved = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    loaded = RewardModel.load(out)
+    head = loaded.model.base_model.model.classifier.modules_to_save["default"]
+    fresh = RewardModel.create(model).model.base_model.model.classifier
+    fresh_head = fresh.modules_to_save["default"]
+    assert torch.equal(head.weight, saved["base_model.model.classifier.weight"])
+    assert torch.equal(head.bias, saved["base_model.model.classifier.bias"])
+    assert not torch.allclose(head.weight, fresh_head.weight, atol=1e-4)
+    assert not torch.allclose(head.weight, fresh.original_module.weight, atol=1e-4)
+
+
+# --- several processes -----------------------------------------------------------------
+
+def _train_cli(launcher: list[str], data: Path, backbone: str, out: Path, tmp: Path,
+               helpers) -> subprocess.CompletedProcess:
+    args = ["train", "--data", str(data), "--backbone", backbone, "--out", str(out),
+            "--batch-size", "8", "--epochs", "2", "--lr", "3e-3", "--max-length", "64",
+            "--no-bf16", "--no-progress", "--seed", "1"]
+    env = helpers.cli_env()
+    env["HF_HOME"] = str(tmp / "hf-home")  # no user accelerate config
+    proc = subprocess.run(launcher + args, capture_output=True, text=True, env=env,
+                          cwd=tmp, timeout=420)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def one_and_two_processes(tiny_bert, helpers, tmp_path_factory):
+    """The same `crome train` command run as one process and as two (gloo on CPU)."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    records = helpers.keyword_pairs(30, seed=8) + helpers.tie_pairs(6, seed=8)
+    data = tmp / "pairs.jsonl"
+    write_pairs(records, data)
+    one, two = tmp / "one", tmp / "two"
+    _train_cli([sys.executable, "-m", "crome.cli"], data, tiny_bert, one, tmp, helpers)
+    # `--multi_gpu`, not `--cpu`: on a machine without GPUs accelerate then starts the
+    # processes with torch.distributed.run and crome's Accelerator(cpu=True) uses gloo;
+    # with `--cpu` (or neither flag) accelerate launch starts ONE process, whatever
+    # --num_processes says.
+    _train_cli([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--main_process_port", str(helpers.free_port()),
+                "-m", "crome.cli"], data, tiny_bert, two, tmp, helpers)
+    return records, one, two
+
+
+@pytest.mark.slow
+def test_two_processes_split_every_global_batch(one_and_two_processes):
+    _, one, two = one_and_two_processes
+    s1 = json.loads((one / SUMMARY_FILE).read_text())
+    s2 = json.loads((two / SUMMARY_FILE).read_text())
+    assert (s1["num_processes"], s2["num_processes"]) == (1, 2)
+    assert s1["steps"] == s2["steps"] == 10
+    assert s1["pairs"] == s2["pairs"] == 36
+    assert s2["skipped_tail_pairs"] == 0
+    assert s1["real_tokens"] == s2["real_tokens"]  # summed over both processes
+    assert (two / "crome.json").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "crome/train.py train(): the LR scheduler goes through accelerator.prepare(), and "
+    "accelerate's AcceleratedScheduler.step() (split_batches=False) steps the wrapped "
+    "scheduler num_processes times per call; crome's total_steps already counts global "
+    "steps, so with 2 processes the linear schedule reaches lr 0 halfway through and the "
+    "margins differ from the 1-process run by ~1e-2. Fix: Accelerator(cpu=..., "
+    "step_scheduler_with_optimizer=False) (this test passes with it)"))
+def test_two_processes_train_the_same_model_as_one(one_and_two_processes):
+    records, one, two = one_and_two_processes
+    probe = records[:6] + records[-2:]
+    c1, r1 = score_pairs(RewardModel.load(one), probe)
+    c2, r2 = score_pairs(RewardModel.load(two), probe)
+    # margins: what the model says about each pair
+    np.testing.assert_allclose(np.subtract(c2, r2), np.subtract(c1, r1), atol=1e-4, rtol=0)
+    # absolute rewards: up to the head bias, which gets no true gradient (see
+    # test_grad_accum_gives_the_same_absolute_rewards)
+    w1, w2 = weights(one), weights(two)
+    offset = float(w2[HEAD_BIAS] - w1[HEAD_BIAS])
+    np.testing.assert_allclose(np.subtract(c2, offset), c1, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.subtract(r2, offset), r1, atol=1e-4, rtol=0)
+    drop = lambda w: {k: v for k, v in w.items() if k != HEAD_BIAS}  # noqa: E731
+    assert max_abs_diff(drop(w1), drop(w2)) <= 1e-3  # 3.6e-4 seen: Adam on float noise
