@@ -84,7 +84,7 @@ def train_cmd(
     epochs: float = 1.0,
     batch_size: Annotated[int, typer.Option(help="Pairs per optimizer step, all processes")] = 16,
     grad_accum: int = 1,
-    lr: float = 3e-5,
+    lr: float = 1e-4,
     tie_weight: Annotated[float, typer.Option(help="λ of the tie loss")] = 1.0,
     margin: float = 0.0,
     center_coef: float = 0.0,
@@ -180,7 +180,7 @@ def quickstart_cmd(
     max_eval: Annotated[int | None, typer.Option(help="First N pairs per held-out subset")] = None,
     max_length: int = 128,
     epochs: float = 1.0,
-    lr: float = 3e-5,
+    lr: float = 1e-4,
     seed: int = 0,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
@@ -194,18 +194,21 @@ def quickstart_cmd(
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: known errors become one line on stderr and exit status 2."""
-    import click
+    try:  # typer >= 0.2x raises its vendored copy of click's exceptions
+        from typer._click.exceptions import ClickException
+    except ImportError:  # older typer uses click itself
+        from click.exceptions import ClickException
 
     from crome.data.schema import RecordError
 
     try:
         app(args=argv, standalone_mode=False)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         return e.exit_code
-    except click.exceptions.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         typer.echo("crome: aborted", err=True)
         return 130
-    except click.ClickException as e:
+    except ClickException as e:
         e.show()
         return e.exit_code
     except (RecordError, ValueError, OSError) as e:

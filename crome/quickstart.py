@@ -40,7 +40,7 @@ class QuickstartOptions:
     max_length: int = 128
     epochs: float = 1.0
     batch_size: int = 16
-    lr: float = 3e-5
+    lr: float = 1e-4
     seed: int = 0
     progress: bool = True
 

@@ -18,8 +18,9 @@
 * bf16 autocast where the hardware has native bf16 (``crome.score.bf16_supported``), fp32
   elsewhere; dropout off by default (see ``crome.model``).
 
-Run it with ``crome train`` or, for several processes, ``accelerate launch --num_processes 2
--m crome.cli train …`` (gloo on CPU).
+Run it with ``crome train`` or, for several processes, ``accelerate launch --multi_gpu
+--num_processes 2 -m crome.cli train …`` (gloo on CPU; without ``--multi_gpu`` accelerate
+starts a single process on a machine with no GPU).
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ from torch import nn
 from crome.data.schema import PairRecord
 from crome.evaluate.metrics import overall_accuracy, pair_outcomes
 from crome.losses import pair_loss
-from crome.model import Batch, Encoded, ModelOptions, RewardModel, TruncationCounts
+from crome.model import (Batch, Encoded, ModelOptions, RewardModel, TruncationCounts,
+                         freeze_head_bias)
 from crome.score import ScoreOptions, autocast, resolve_bf16, score_pairs
 
 STATE_FILE = "trainer_state.json"
@@ -55,7 +57,7 @@ class TrainOptions:
     epochs: float = 1.0
     batch_size: int = 16  # pairs per optimizer step, over all processes and accumulation
     grad_accum: int = 1
-    lr: float = 3e-5
+    lr: float = 1e-4  # suits small encoders (MiniLM); use 1e-5..2e-5 for large decoders
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     tie_weight: float = 1.0  # λ of the tie loss (1 in the Crome paper)
@@ -65,7 +67,7 @@ class TrainOptions:
     chunk_rows: int = 8
     megabatch_factor: int = 32
     seed: int = 0
-    max_steps: int | None = None
+    max_steps: int | None = None  # stop early; the LR schedule still follows ``epochs``
     checkpoint_every: int = 0  # steps; 0 = only the final model
     keep_checkpoints: int = 2
     eval_every: int = 0  # steps; needs eval records
@@ -183,7 +185,7 @@ def train(records: Sequence[PairRecord], options: TrainOptions | None = None,
 
     opts = options or TrainOptions()
     out = Path(opts.output_dir)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
     world = accelerator.num_processes
     rank = accelerator.process_index
     main = accelerator.is_main_process
@@ -194,6 +196,8 @@ def train(records: Sequence[PairRecord], options: TrainOptions | None = None,
     set_seed(opts.seed)
     bf16 = resolve_bf16(opts.bf16)
     rm = RewardModel.create(opts.model)
+    if not opts.center_coef:
+        freeze_head_bias(rm.model)
     counts = TruncationCounts()
     pairs = encode_pairs(rm, records, counts)
     if not pairs:
@@ -205,8 +209,9 @@ def train(records: Sequence[PairRecord], options: TrainOptions | None = None,
         total_steps = min(total_steps, opts.max_steps)
     params = [p for p in rm.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    horizon = math.ceil(steps_per_epoch * opts.epochs)  # max_steps only stops early
     scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(opts.warmup_ratio * total_steps), total_steps)
+        optimizer, int(opts.warmup_ratio * horizon), horizon)
     wrapper = ChunkedRewards(rm)
     wrapper, optimizer, scheduler = accelerator.prepare(wrapper, optimizer, scheduler)
 
@@ -288,7 +293,8 @@ def train(records: Sequence[PairRecord], options: TrainOptions | None = None,
             log_fh.flush()
         if opts.eval_every and eval_records and step % opts.eval_every == 0:
             summary.evals.append(_periodic_eval(accelerator, rm, eval_records, step))
-        if opts.checkpoint_every and step % opts.checkpoint_every == 0 and step < total_steps:
+        if opts.checkpoint_every and step % opts.checkpoint_every == 0 and (
+                step < total_steps or opts.max_steps is not None):
             _checkpoint(accelerator, out, step, opts.keep_checkpoints)
     accelerator.wait_for_everyone()
     elapsed = time.perf_counter() - t0

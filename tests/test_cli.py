@@ -206,14 +206,7 @@ def test_eval_with_a_reference_scorer_and_a_model(tiny_rm_dir, helpers, tmp_path
     assert (out / f"examples-{tiny_rm_dir.name}-small.jsonl").exists()
 
 
-USAGE_BUG = (
-    "crome/cli.py main(): it catches click.exceptions.ClickException/Exit/Abort from the "
-    "`click` package, but typer 0.29 (installed; pyproject allows typer>=0.16) raises its "
-    "vendored copies (typer._click.exceptions.*, not subclasses of click's), so a usage error "
-    "escapes as a traceback with exit status 1")
 
-
-@pytest.mark.xfail(strict=True, reason=USAGE_BUG)
 def test_eval_without_a_scorer_is_a_usage_error(helpers, tmp_path):
     data = tmp_path / "p.jsonl"
     write_pairs([PairRecord(id="a", prompt="q", chosen="x", rejected="y")], data)
@@ -223,7 +216,6 @@ def test_eval_without_a_scorer_is_a_usage_error(helpers, tmp_path):
     assert proc.returncode == 2
 
 
-@pytest.mark.xfail(strict=True, reason=USAGE_BUG)
 def test_unknown_option_is_a_usage_error(helpers, tmp_path):
     proc = helpers.run_cli("validate", "x.jsonl", "--bogus", cwd=tmp_path)
     assert "Traceback" not in proc.stderr
@@ -231,7 +223,6 @@ def test_unknown_option_is_a_usage_error(helpers, tmp_path):
     assert proc.returncode == 2
 
 
-@pytest.mark.xfail(strict=True, reason=USAGE_BUG)
 def test_no_arguments_shows_help_without_a_traceback(helpers, tmp_path):
     proc = helpers.run_cli(cwd=tmp_path)
     assert "Traceback" not in proc.stderr
