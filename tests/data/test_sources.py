@@ -270,7 +270,8 @@ def data_dir() -> Path:
     try:
         return resolve_data_dir()
     except DataDirError as e:
-        pytest.skip(f"public data not found: {e}")
+        # Real-data checks are part of the suite, not optional: fail, never skip.
+        pytest.fail(f"public data not found (set CROME_DATA or put it in ../shared/data): {e}")
 
 
 def gz_line_count(path: Path) -> int:

@@ -1,10 +1,10 @@
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from crome.data.schema import PairRecord
+from crome.data.sources import resolve_data_dir
 from crome.evaluate.metrics import overall_accuracy, pair_outcomes, summarize
 from crome.evaluate.reference import (
     MARKDOWN_FEATURES,
@@ -128,12 +128,9 @@ def test_score_pairs_rejects_a_scorer_that_drops_answers():
 
 
 def _data_dir() -> Path:
-    env = os.environ.get("CROME_DATA")
-    return Path(env) if env else Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    return resolve_data_dir(require=("llmbar",))
 
 
-@pytest.mark.skipif(not (_data_dir() / "llmbar" / "Adversarial_GPTInst.json").exists(),
-                    reason="LLMBar data not found (set CROME_DATA or put it in ../shared/data)")
 def test_longer_wins_fails_llmbar_gptinst():
     """The published figure: "the longer answer wins" scores 13.0% on Adversarial_GPTInst."""
     raw = json.loads((_data_dir() / "llmbar" / "Adversarial_GPTInst.json").read_text())
