@@ -185,7 +185,10 @@ def train(records: Sequence[PairRecord], options: TrainOptions | None = None,
 
     opts = options or TrainOptions()
     out = Path(opts.output_dir)
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(), step_scheduler_with_optimizer=False)
+    # The scheduler is stepped once per global step by us; accelerate would otherwise step it
+    # once per process on each call.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              step_scheduler_with_optimizer=False)
     world = accelerator.num_processes
     rank = accelerator.process_index
     main = accelerator.is_main_process
@@ -204,12 +207,10 @@ def train(records: Sequence[PairRecord], options: TrainOptions | None = None,
         raise ValueError("no training pairs")
 
     steps_per_epoch = math.ceil(len(pairs) / opts.batch_size)
-    total_steps = math.ceil(steps_per_epoch * opts.epochs)
-    if opts.max_steps is not None:
-        total_steps = min(total_steps, opts.max_steps)
+    horizon = math.ceil(steps_per_epoch * opts.epochs)  # the LR schedule's length
+    total_steps = horizon if opts.max_steps is None else min(horizon, opts.max_steps)
     params = [p for p in rm.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
-    horizon = math.ceil(steps_per_epoch * opts.epochs)  # max_steps only stops early
     scheduler = get_linear_schedule_with_warmup(
         optimizer, int(opts.warmup_ratio * horizon), horizon)
     wrapper = ChunkedRewards(rm)

@@ -269,6 +269,7 @@ def test_lora_save_reload_restores_the_trained_head(request, tmp_path, helpers, 
     fresh_head = head_state(rm)
     perturb(rm, seed=2)
     trained_head = head_state(rm)
+    assert any(not torch.equal(fresh_head[k], trained_head[k]) for k in trained_head)
     prompts, answers = sample_texts(helpers)
     before = score_texts(rm, prompts, answers)
 

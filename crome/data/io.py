@@ -59,8 +59,8 @@ def detect_format(path: str | os.PathLike[str]) -> str:
                         (".pq", "parquet")):
         if name.endswith(suffix):
             return fmt
-    raise RecordError(f"cannot tell the format from the file name; use one of "
-                      f".jsonl, .json, .csv, .parquet", path=str(path))
+    raise RecordError("cannot tell the format from the file name; use one of "
+                      ".jsonl, .json, .csv, .parquet", path=str(path))
 
 
 def _raw_rows(path: Path, fmt: str) -> Iterator[tuple[int, Any, RecordError | None]]:
