@@ -22,19 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from _common import add_common_args, set_threads
 
 TARGET_SPEEDUP = 2.0
 
@@ -43,16 +36,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", type=int, default=1000,
                     help="helpful-base pairs (the first N); 2 answers each")
-    ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=32, help="the HF loop's batch size")
     ap.add_argument("--crome-batch-size", type=int, default=None,
                     help="ScoreOptions.batch_size (default: crome's own default)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="timed runs of each method, alternating; the median is reported")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads (default: torch's own choice)")
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--out", default="runs/bench/score_throughput.json")
+    add_common_args(ap, "runs/bench/score_throughput.json",
+                    "torch threads (default: torch's own choice)")
     return ap.parse_args(argv)
 
 
@@ -83,8 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     from crome.model import ModelOptions, RewardModel, render_plain_prompt
     from crome.score import ScoreOptions, ScoreStats, score_pairs
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     source = load_source("hh-rlhf/helpful-base",
                          data_dir=Path(args.data_dir) if args.data_dir else None,
                          limit=args.pairs)

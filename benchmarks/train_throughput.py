@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import resource
 import shutil
 import subprocess
@@ -45,13 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-# Run as a script from anywhere: make the checkout importable.
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from _common import ROOT, add_common_args, set_threads
 
 TARGETS = {
     "speedup": 2.0,  # crome pairs/s over TRL pairs/s, at least
@@ -68,17 +61,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--pairs", type=int, default=512, help="training pairs (seeded sample)")
     ap.add_argument("--eval-pairs", type=int, default=500,
                     help="held-out helpful-base pairs (the first N)")
-    ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads in both runs (default: torch's own choice)")
     ap.add_argument("--order", default="trl,crome",
                     help="which trainer runs first (comma-separated)")
-    ap.add_argument("--data-dir", default=None)
-    ap.add_argument("--out", default="runs/bench/train_throughput.json")
+    add_common_args(ap, "runs/bench/train_throughput.json",
+                    "torch threads in both runs (default: torch's own choice)")
     ap.add_argument("--work-dir", default=None,
                     help="where the two trained models go (default: a temporary folder, "
                          "deleted afterwards)")
@@ -96,13 +86,6 @@ def peak_rss_bytes() -> int:
     # ru_maxrss is in KiB on Linux (bytes on macOS).
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss) if sys.platform == "darwin" else int(rss) * 1024
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
 
 
 # ------------------------------------------------------------------------- children
@@ -379,7 +362,7 @@ def report(res: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    _set_threads(args.threads)
+    set_threads(args.threads)
     if args.child:
         work = Path(args.work_dir)
         result = child_crome(args, work) if args.child == "crome" else child_trl(args, work)

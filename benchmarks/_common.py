@@ -1,0 +1,31 @@
+"""What every benchmark script does before it starts: offline mode, an importable checkout,
+the options they share, and the torch thread count."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Run as a script from anywhere: make the checkout importable even when not installed.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def add_common_args(ap: argparse.ArgumentParser, out: str, threads_help: str) -> None:
+    ap.add_argument("--max-length", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=None, help=threads_help)
+    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--out", default=out)
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
