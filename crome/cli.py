@@ -15,7 +15,7 @@ from typing import Annotated
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from packages or local folders
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import typer  # noqa: E402
+import typer
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="crome: causally robust reward models (Crome, arXiv 2506.16507).")
@@ -170,6 +170,146 @@ def eval_cmd(
     typer.echo(markdown_table(results_table(results)))
     (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     typer.echo(f"per-example outputs and results in {output_dir}")
+
+
+OracleOpt = Annotated[str, typer.Option(
+    "--oracle", help="rules | llamacpp[:MODEL.gguf] (default: the packaged 1.5B model) | "
+    "openai:BASE_URL (e.g. openai:http://127.0.0.1:8000/v1)")]
+OracleModelOpt = Annotated[str, typer.Option("--oracle-model",
+                           help="openai: model name (default: the server's first)")]
+KeyEnvOpt = Annotated[str, typer.Option("--oracle-key-env",
+                      help="openai: environment variable that holds the API key")]
+ConcurrencyOpt = Annotated[int, typer.Option("--oracle-concurrency",
+                           help="openai: requests in flight")]
+CacheOpt = Annotated[str | None, typer.Option(
+    "--cache", help="SQLite cache of oracle calls (default: $CROME_CACHE or "
+    "~/.cache/crome/oracle.sqlite3; 'off' disables it)")]
+
+
+def _oracle(spec: str, model: str, key_env: str, concurrency: int, cache: str | None):  # type: ignore[no-untyped-def]
+    from crome.oracle import OracleOptions, make_oracle
+
+    return make_oracle(OracleOptions(spec=spec, model=model, key_env=key_env,
+                                     concurrency=concurrency, cache=cache))
+
+
+def _oracle_stats(oracle) -> None:  # type: ignore[no-untyped-def]
+    stats = getattr(oracle, "stats", None)
+    if stats is not None:
+        typer.echo(stats.summary(), err=True)
+    oracle.close()
+
+
+def _bar(label: str, enabled: bool):  # type: ignore[no-untyped-def]
+    from crome.progress import StageProgress
+
+    bar = StageProgress(label, 0, enabled=enabled)
+    return bar, (lambda done, total: bar.update(done, total))
+
+
+@app.command("rubrics")
+def rubrics_cmd(
+    data: DataOpt,
+    output: Annotated[Path, typer.Option("--out", "-o", help="Rubrics JSONL (resumable)")],
+    data_dir: DataDirOpt = None,
+    limit: Annotated[int | None, typer.Option(help="First N pairs of each source")] = None,
+    oracle: OracleOpt = "llamacpp",
+    oracle_model: OracleModelOpt = "",
+    oracle_key_env: KeyEnvOpt = "OPENAI_API_KEY",
+    oracle_concurrency: ConcurrencyOpt = 4,
+    cache: CacheOpt = None,
+    attempts: Annotated[int, typer.Option(help="Tries per prompt before the fallback")] = 3,
+    skip_invalid: SkipOpt = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Name the 2–5 causal quality attributes of every distinct prompt (JSON from the oracle)."""
+    from crome.rubrics import RubricOptions, make_rubrics
+
+    records = _load(data, data_dir, limit, skip_invalid)
+    orc = _oracle(oracle, oracle_model, oracle_key_env, oracle_concurrency, cache)
+    bar, tick = _bar("rubrics", progress)
+    try:
+        report = make_rubrics(records, orc, output, RubricOptions(attempts=attempts), tick)
+    finally:
+        bar.close()
+        _oracle_stats(orc)
+    typer.echo(report.summary())
+    typer.echo(f"rubrics in {output}")
+
+
+@app.command("augment")
+def augment_cmd(
+    data: DataOpt,
+    output: Annotated[Path, typer.Option("--out", "-o", help="Pair JSONL (resumable)")],
+    recipe: Annotated[str, typer.Option(help="causal | neutral | rrm")] = "causal",
+    rubrics: Annotated[Path | None, typer.Option(help="From `crome rubrics` (causal)")] = None,
+    data_dir: DataDirOpt = None,
+    limit: Annotated[int | None, typer.Option(help="First N pairs of each source")] = None,
+    oracle: OracleOpt = "llamacpp",
+    oracle_model: OracleModelOpt = "",
+    oracle_key_env: KeyEnvOpt = "OPENAI_API_KEY",
+    oracle_concurrency: ConcurrencyOpt = 4,
+    cache: CacheOpt = None,
+    attributes: Annotated[int, typer.Option(help="causal: rubric attributes per pair")] = 2,
+    direction: Annotated[list[str] | None, typer.Option(
+        help="causal: degrade and/or upgrade (default both)")] = None,
+    candidates: Annotated[int, typer.Option(help="causal: samples tried per rewrite")] = 2,
+    batch_size: Annotated[int, typer.Option(help="causal: rewrites sent together")] = 8,
+    max_similarity: Annotated[float, typer.Option(
+        "--max-prompt-similarity", help="neutral/rrm: cosine bound for an unrelated prompt")] = 0.2,
+    seed: int = 0,
+    skip_invalid: SkipOpt = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Make causal, neutral (tie) or RRM pairs; streams to --out and resumes after a crash."""
+    from crome.augment import RECIPES, AugmentOptions, augment
+    from crome.rubrics import read_rubrics
+
+    if recipe not in RECIPES:
+        raise typer.BadParameter(f"choose one of {', '.join(RECIPES)}", param_hint="--recipe")
+    for d in direction or []:
+        if d not in ("degrade", "upgrade"):
+            raise typer.BadParameter("degrade or upgrade", param_hint="--direction")
+    records = _load(data, data_dir, limit, skip_invalid)
+    opts = AugmentOptions(recipe=recipe, seed=seed, attributes_per_pair=attributes,
+                          directions=tuple(direction or ("degrade", "upgrade")),
+                          candidates=candidates, batch_size=batch_size,
+                          max_prompt_similarity=max_similarity)
+    orc = None
+    rubric_map = None
+    if recipe == "causal":
+        if rubrics is None:
+            raise typer.BadParameter("the causal recipe needs --rubrics (from `crome rubrics`)")
+        rubric_map = read_rubrics(rubrics)
+        orc = _oracle(oracle, oracle_model, oracle_key_env, oracle_concurrency, cache)
+    bar, tick = _bar(recipe, progress and recipe == "causal")
+    try:
+        report = augment(records, output, opts, oracle=orc, rubrics=rubric_map, progress=tick)
+    finally:
+        bar.close()
+        if orc is not None:
+            _oracle_stats(orc)
+    typer.echo(report.summary())
+    typer.echo(f"pairs in {output}")
+
+
+@app.command("filter")
+def filter_cmd(
+    data: DataOpt,
+    output: Annotated[Path, typer.Option("--out", "-o")],
+    baseline: Annotated[Path, typer.Option(help="RM trained on the original pairs")],
+    tau: Annotated[float, typer.Option(help="Keep pairs with P(label) < tau")] = 0.95,
+    tie_tau: Annotated[float | None, typer.Option(help="τ for tie pairs (default: tau)")] = None,
+    data_dir: DataDirOpt = None,
+    skip_invalid: SkipOpt = False,
+) -> None:
+    """Keep the augmented pairs that a baseline RM gets wrong or is unsure about."""
+    from crome.filter import FilterOptions, dropped_path, filter_file
+
+    records = _load(data, data_dir, None, skip_invalid)
+    report = filter_file(records, baseline, output, FilterOptions(tau=tau, tie_tau=tie_tau))
+    typer.echo(report.summary())
+    typer.echo(f"kept pairs in {output}; dropped in {dropped_path(output)}")
 
 
 @app.command("quickstart")

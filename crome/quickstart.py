@@ -23,7 +23,7 @@ from typing import Any
 from crome.data.schema import PairRecord
 from crome.data.sources import load_source, resolve_data_dir
 from crome.evaluate.reference import REFERENCE_SCORERS
-from crome.evaluate.run import HELD_OUT, load_eval_sets, evaluate_scorer
+from crome.evaluate.run import HELD_OUT, evaluate_scorer, load_eval_sets
 from crome.model import ModelOptions, RewardModel
 from crome.score import RewardModelScorer, ScoreOptions
 from crome.train import TrainOptions, train

@@ -170,8 +170,7 @@ def write_scores(records: Sequence[PairRecord], chosen: Sequence[float],
         pq.write_table(pa.Table.from_pylist(rows), p)
     else:
         with open(p, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row) + "\n")
+            fh.writelines(json.dumps(row) + "\n" for row in rows)
     return p
 
 

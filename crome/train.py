@@ -41,8 +41,15 @@ from torch import nn
 from crome.data.schema import PairRecord
 from crome.evaluate.metrics import overall_accuracy, pair_outcomes
 from crome.losses import pair_loss
-from crome.model import (Batch, Encoded, ModelOptions, RewardModel, TruncationCounts,
-                         freeze_head_bias)
+from crome.model import (
+    Batch,
+    Encoded,
+    ModelOptions,
+    RewardModel,
+    TruncationCounts,
+    freeze_head_bias,
+)
+from crome.progress import StageProgress
 from crome.score import ScoreOptions, autocast, resolve_bf16, score_pairs
 
 STATE_FILE = "trainer_state.json"
@@ -286,7 +293,7 @@ def train(records: Sequence[PairRecord], options: TrainOptions | None = None,
         trained_pairs += len(gbatch)
         loss_value = float(accelerator.reduce(step_loss, reduction="sum"))
         if progress is not None:
-            progress.advance(loss_value)
+            progress.advance(info=f"loss {loss_value:.4f}")
         if log_fh is not None and (step % opts.log_every == 0 or step == total_steps):
             log_fh.write(json.dumps({"step": step, "epoch": round(step / steps_per_epoch, 4),
                                      "loss": loss_value,
@@ -353,25 +360,5 @@ def _checkpoint(accelerator: Any, out: Path, step: int, keep: int) -> None:
     accelerator.wait_for_everyone()
 
 
-class _Progress:
-    """A rich progress bar with ETA and the last loss."""
-
-    def __init__(self, total: int, done: int) -> None:
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
-        self.bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                            TextColumn("loss {task.fields[loss]}"))
-        self.task = self.bar.add_task("train", total=total, completed=done, loss="-")
-        self.bar.start()
-
-    def advance(self, loss: float) -> None:
-        self.bar.update(self.task, advance=1, loss=f"{loss:.4f}")
-
-    def close(self) -> None:
-        self.bar.stop()
-
-
-def _progress(enabled: bool, total: int, done: int) -> _Progress | None:
-    return _Progress(total, done) if enabled else None
+def _progress(enabled: bool, total: int, done: int) -> StageProgress | None:
+    return StageProgress("train", total, done) if enabled else None

@@ -173,3 +173,48 @@ def run_cli(*args: str, cwd: str | os.PathLike[str] | None = None, timeout: int 
     return subprocess.run([sys.executable, "-m", "crome.cli", *map(str, args)],
                           capture_output=True, text=True, env=cli_env(),
                           cwd=cwd or REPO, timeout=timeout)
+
+
+def load_servers():
+    """``tests/servers.py`` (LlamaServer, FaultProxy), imported once as ``crome_test_servers``;
+    test modules hold a copy of this loader (they cannot import conftest)."""
+    import importlib.util
+
+    name = "crome_test_servers"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "servers.py")
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        sys.modules[name] = module
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def llama_server():
+    """A started llama.cpp server (``python -m llama_cpp.server``) on the packaged
+    Qwen2.5-Coder-1.5B-Instruct GGUF; ``.base_url`` is ``http://127.0.0.1:PORT/v1``.
+
+    Fails, never skips, when llama_cpp or the model is missing: CI installs both."""
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError as exc:
+        pytest.fail(f"llama_cpp is not installed ({exc}): pip install "
+                    "'llama-cpp-python[server]==0.3.36'", pytrace=False)
+    try:
+        from crome.oracle.llamacpp import packaged_model_path
+
+        path = packaged_model_path()
+    except Exception as exc:  # noqa: BLE001 -- ImportError, no model package, bad assembly
+        pytest.fail(f"the packaged GGUF model is unavailable: {type(exc).__name__}: {exc}",
+                    pytrace=False)
+    if not Path(path).is_file():
+        pytest.fail(f"the packaged GGUF model is missing: {path}", pytrace=False)
+    server = load_servers().LlamaServer(path, n_ctx=4096, n_threads=2)
+    try:
+        server.__enter__()
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"the llama.cpp server did not start: {exc}", pytrace=False)
+    try:
+        yield server
+    finally:
+        server.__exit__()

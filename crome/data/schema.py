@@ -12,6 +12,8 @@ come from user files and from LLM output; a traceback would tell the user nothin
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -84,6 +86,13 @@ def prompt_text(prompt: Prompt) -> str:
     if isinstance(prompt, str):
         return prompt
     return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def prompt_hash(prompt: Prompt) -> str:
+    """A short stable hash of a prompt (text or messages): rubrics are keyed by it and
+    derived pairs record it, so a rubric or a rewrite can be traced to its prompt."""
+    material = json.dumps(prompt, ensure_ascii=False, sort_keys=True)
+    return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
 def _check_str(data: dict[str, Any], name: str, *, required: bool = True,

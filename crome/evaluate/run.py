@@ -18,7 +18,12 @@ from typing import Any
 
 from crome.data.schema import PairRecord
 from crome.data.sources import LLMBAR_ADVERSARIAL, SOURCES, load_named
-from crome.evaluate.metrics import PairOutcome, overall_accuracy, pair_outcomes, summarize
+from crome.evaluate.metrics import (
+    PairOutcome,
+    overall_accuracy,
+    pair_outcomes,
+    summarize,
+)
 from crome.evaluate.reference import Scorer, score_pairs
 
 # The held-out sets of the quickstart (../shared/data/README.md: never used for training).
@@ -86,8 +91,7 @@ def evaluate_scorer(scorer: Scorer, sets: Sequence[EvalSet],
         if out is not None:
             path = out / f"examples-{_slug(scorer.name)}-{_slug(es.name)}.jsonl"
             with open(path, "w", encoding="utf-8") as fh:
-                for o in outcomes:
-                    fh.write(json.dumps(o.to_dict()) + "\n")
+                fh.writelines(json.dumps(o.to_dict()) + "\n" for o in outcomes)
     results["headline"] = headline(outcomes_by_set)
     if out is not None:
         (out / f"results-{_slug(scorer.name)}.json").write_text(

@@ -1,0 +1,80 @@
+"""Oracle backends behind one protocol, chosen by a URI-like spec, with a SQLite cache.
+
+Specs (``--oracle``):
+
+* ``llamacpp`` — the packaged Qwen2.5-Coder-1.5B-Instruct GGUF, in-process (the default);
+  ``llamacpp:/path/to/model.gguf`` for another GGUF file.
+* ``openai:http://127.0.0.1:8080/v1`` — any OpenAI-compatible server (vLLM, llama.cpp
+  server, Ollama, OpenAI, Gemini's OpenAI endpoint); ``--oracle-model`` names the model and
+  the key is read from the environment variable named by ``--oracle-key-env``.
+* ``rules`` — deterministic interventions, no LLM (see :mod:`crome.oracle.rules`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from crome.oracle.base import (
+    Oracle,
+    OracleRequest,
+    OracleResponse,
+    Sampling,
+    oracle_name,
+)
+from crome.oracle.cache import CachedOracle, CacheStats, OracleCache, default_cache_path
+
+BACKENDS = ("llamacpp", "openai", "rules")
+
+
+@dataclass
+class OracleOptions:
+    spec: str = "llamacpp"
+    model: str = ""  # openai: the served model's name ("" = the server's first model)
+    key_env: str = "OPENAI_API_KEY"  # openai: environment variable holding the key
+    concurrency: int = 4
+    timeout: float = 120.0
+    max_retries: int = 4
+    threads: int | None = None  # llamacpp: CPU threads (None = all cores)
+    n_ctx: int = 4096
+    cache: str | None = None  # SQLite file; None = $CROME_CACHE or ~/.cache/crome/…; "off"
+
+
+def make_backend(options: OracleOptions) -> Oracle:
+    backend, _, rest = options.spec.partition(":")
+    if backend == "rules":
+        from crome.oracle.rules import RulesOracle
+
+        return RulesOracle()
+    if backend == "llamacpp":
+        from crome.oracle.llamacpp import LlamaCppOptions, LlamaCppOracle
+
+        return LlamaCppOracle(LlamaCppOptions(model_path=rest or None, n_ctx=options.n_ctx,
+                                              n_threads=options.threads))
+    if backend == "openai":
+        from crome.oracle.openai import OpenAIOptions, OpenAIOracle
+
+        if not rest:
+            raise ValueError("--oracle openai needs a base URL: openai:http://HOST:PORT/v1")
+        return OpenAIOracle(OpenAIOptions(base_url=rest, model=options.model,
+                                          key_env=options.key_env,
+                                          concurrency=options.concurrency,
+                                          timeout=options.timeout,
+                                          max_retries=options.max_retries))
+    raise ValueError(f"unknown oracle {options.spec!r}; use one of: rules, llamacpp"
+                     f"[:MODEL.gguf], openai:BASE_URL")
+
+
+def make_oracle(options: OracleOptions | None = None) -> Oracle:
+    """The backend behind its cache (unless ``cache="off"``)."""
+    opts = options or OracleOptions()
+    inner = make_backend(opts)
+    if opts.cache == "off":
+        return inner
+    return CachedOracle(inner, OracleCache(Path(opts.cache) if opts.cache
+                                           else default_cache_path()))
+
+
+__all__ = ["BACKENDS", "CacheStats", "CachedOracle", "Oracle", "OracleCache", "OracleOptions",
+           "OracleRequest", "OracleResponse", "Sampling", "make_backend", "make_oracle",
+           "oracle_name"]

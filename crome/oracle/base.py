@@ -1,0 +1,106 @@
+"""The oracle protocol: chat messages and sampling options in, text out, in batches.
+
+Every backend (an OpenAI-compatible server, an in-process GGUF model, deterministic rules)
+implements :class:`Oracle`. A backend never raises for one failed request: it returns an
+:class:`OracleResponse` with ``text=None`` and an ``error`` naming why, so a stage can count
+the failure and carry on (nothing is lost silently, and one bad call does not end a run of
+thousands).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+Message = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling options sent with a request; part of the cache key."""
+
+    temperature: float = 0.0
+    max_tokens: int = 512
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["stop"] = list(self.stop)
+        return d
+
+
+@dataclass(frozen=True)
+class OracleRequest:
+    """One chat request.
+
+    ``task`` carries the structured form of what the messages ask (kind, attribute,
+    direction, the answer...). LLM backends ignore it and read the messages; the ``rules``
+    backend reads only the task, because a rule needs the answer, not a prompt about it.
+    """
+
+    messages: tuple[tuple[str, str], ...]
+    sampling: Sampling = Sampling()
+    task: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def make(cls, messages: Sequence[Message], sampling: Sampling | None = None,
+             task: dict[str, Any] | None = None) -> OracleRequest:
+        return cls(tuple((m["role"], m["content"]) for m in messages), sampling or Sampling(),
+                   tuple(sorted((task or {}).items())))
+
+    @property
+    def message_dicts(self) -> list[Message]:
+        return [{"role": r, "content": c} for r, c in self.messages]
+
+    @property
+    def task_dict(self) -> dict[str, Any]:
+        return dict(self.task)
+
+    def key_material(self) -> str:
+        """Canonical JSON of everything that decides the answer (backend and model aside)."""
+        return json.dumps({"messages": self.message_dicts, "sampling": self.sampling.to_dict(),
+                           "task": self.task_dict}, sort_keys=True, ensure_ascii=False)
+
+
+@dataclass
+class OracleResponse:
+    text: str | None
+    error: str | None = None
+    cached: bool = False
+    attempts: int = 1
+    seconds: float = 0.0
+    usage: dict[str, int] = field(default_factory=dict)
+    # The backend would answer every sample of this request the same way (a rule that does
+    # not apply): the caller should not spend retries on it.
+    final: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.text is not None
+
+
+ResultCallback = Callable[[int, OracleResponse], None]
+
+
+class Oracle(Protocol):
+    """``backend`` and ``model`` name the oracle in provenance and in cache keys."""
+
+    backend: str
+    model: str
+
+    def generate(self, requests: Sequence[OracleRequest],
+                 on_result: ResultCallback | None = None) -> list[OracleResponse]:
+        """Answer every request, in order. ``on_result(i, response)`` is called as each one
+        finishes (possibly from a worker thread), so a cache can keep finished calls when
+        the process dies in the middle of a batch."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def oracle_name(oracle: Oracle) -> str:
+    return f"{oracle.backend}:{oracle.model}" if oracle.model else oracle.backend
