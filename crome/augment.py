@@ -24,7 +24,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,9 @@ class AugmentReport:
         return sum(self.failed.values())
 
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        # not dataclasses.asdict: it rebuilds a Counter from its items, keyed by tuples
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d = {k: dict(v.most_common()) if isinstance(v, Counter) else v for k, v in d.items()}
         d.update(n_produced=self.n_produced, n_failed=self.n_failed)
         return d
 

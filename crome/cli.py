@@ -200,13 +200,6 @@ def _oracle_stats(oracle) -> None:  # type: ignore[no-untyped-def]
     oracle.close()
 
 
-def _bar(label: str, enabled: bool):  # type: ignore[no-untyped-def]
-    from crome.progress import StageProgress
-
-    bar = StageProgress(label, 0, enabled=enabled)
-    return bar, (lambda done, total: bar.update(done, total))
-
-
 @app.command("rubrics")
 def rubrics_cmd(
     data: DataOpt,
@@ -223,11 +216,12 @@ def rubrics_cmd(
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
     """Name the 2–5 causal quality attributes of every distinct prompt (JSON from the oracle)."""
+    from crome.progress import progress_callback
     from crome.rubrics import RubricOptions, make_rubrics
 
     records = _load(data, data_dir, limit, skip_invalid)
     orc = _oracle(oracle, oracle_model, oracle_key_env, oracle_concurrency, cache)
-    bar, tick = _bar("rubrics", progress)
+    bar, tick = progress_callback("rubrics", progress)
     try:
         report = make_rubrics(records, orc, output, RubricOptions(attempts=attempts), tick)
     finally:
@@ -263,6 +257,7 @@ def augment_cmd(
 ) -> None:
     """Make causal, neutral (tie) or RRM pairs; streams to --out and resumes after a crash."""
     from crome.augment import RECIPES, AugmentOptions, augment
+    from crome.progress import progress_callback
     from crome.rubrics import read_rubrics
 
     if recipe not in RECIPES:
@@ -282,7 +277,7 @@ def augment_cmd(
             raise typer.BadParameter("the causal recipe needs --rubrics (from `crome rubrics`)")
         rubric_map = read_rubrics(rubrics)
         orc = _oracle(oracle, oracle_model, oracle_key_env, oracle_concurrency, cache)
-    bar, tick = _bar(recipe, progress and recipe == "causal")
+    bar, tick = progress_callback(recipe, progress and recipe == "causal")
     try:
         report = augment(records, output, opts, oracle=orc, rubrics=rubric_map, progress=tick)
     finally:
@@ -316,20 +311,32 @@ def filter_cmd(
 def quickstart_cmd(
     output_dir: Annotated[str, typer.Option("--out", "-o")] = "runs/quickstart",
     data_dir: DataDirOpt = None,
-    max_train: Annotated[int | None, typer.Option(help="Training pairs (seeded sample)")] = None,
-    max_eval: Annotated[int | None, typer.Option(help="First N pairs per held-out subset")] = None,
+    max_train: Annotated[int | None, typer.Option(
+        help="Original training pairs (seeded sample); 0 = all")] = 1000,
+    max_eval: Annotated[int | None, typer.Option(
+        help="First N pairs per held-out subset; 0 = all")] = 400,
     max_length: int = 128,
     epochs: float = 1.0,
     lr: float = 1e-4,
     seed: int = 0,
+    oracle: OracleOpt = "llamacpp",
+    oracle_model: OracleModelOpt = "",
+    cache: CacheOpt = None,
+    augment_pairs: Annotated[int, typer.Option(help="Pairs given causal rewrites")] = 24,
+    attributes: Annotated[int, typer.Option(help="Rubric attributes per pair")] = 1,
+    neutral_pairs: Annotated[int, typer.Option(help="Original pairs made neutral")] = 300,
+    tau: Annotated[float, typer.Option(help="Filter: keep pairs with P(label) < tau")] = 0.95,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
-    """Train the default RM on hh-rlhf and compare it with reference scorers on held-out sets."""
+    """Vanilla RM vs Crome RM (rubrics → augment → filter → train) on held-out sets."""
     from crome.quickstart import QuickstartOptions, quickstart
 
-    quickstart(QuickstartOptions(output_dir=output_dir, data_dir=data_dir, max_train=max_train,
-                                 max_eval=max_eval, max_length=max_length, epochs=epochs,
-                                 lr=lr, seed=seed, progress=progress), echo=typer.echo)
+    quickstart(QuickstartOptions(
+        output_dir=output_dir, data_dir=data_dir, max_train=max_train or None,
+        max_eval=max_eval or None, max_length=max_length, epochs=epochs, lr=lr, seed=seed,
+        oracle=oracle, oracle_model=oracle_model, cache=cache, augment_pairs=augment_pairs,
+        attributes_per_pair=attributes, neutral_pairs=neutral_pairs, tau=tau,
+        progress=progress), echo=typer.echo)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,8 +64,10 @@ def group_of(rec: PairRecord) -> str:
 
 
 def label_confidence(rec: PairRecord, chosen: float, rejected: float) -> float:
-    p = 1.0 / (1.0 + math.exp(-(chosen - rejected)))
-    return 1.0 - abs(2.0 * p - 1.0) if rec.label == "tie" else p
+    margin = chosen - rejected
+    if rec.label == "tie":  # 1 − |2σ(m) − 1| = 1 − tanh(|m| / 2), symmetric in the two answers
+        return 1.0 - math.tanh(abs(margin) / 2.0)
+    return 1.0 / (1.0 + math.exp(-margin))
 
 
 def filter_pairs(records: Sequence[PairRecord], baseline: RewardModel,

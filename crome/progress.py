@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -47,3 +48,10 @@ class StageProgress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def progress_callback(label: str, enabled: bool
+                      ) -> tuple[StageProgress, Callable[[int, int], None]]:
+    """A bar and the ``(done, total)`` callback that the stages accept."""
+    bar = StageProgress(label, 0, enabled=enabled)
+    return bar, lambda done, total: bar.update(done, total)

@@ -37,14 +37,20 @@ class LlamaServer:
     """``python -m llama_cpp.server`` on a GGUF file, in a subprocess, for a ``with`` block."""
 
     def __init__(self, model: str | Path, n_ctx: int = 4096, n_threads: int = 2,
-                 start_timeout: float = 120.0, extra: Sequence[str] = ()) -> None:
+                 alias: str | None = None, start_timeout: float = 120.0,
+                 extra: Sequence[str] = ()) -> None:
         self.model, self.start_timeout = str(model), start_timeout
+        # GET /models lists the alias; without one it lists the model's full path.
+        self.alias = alias or Path(model).stem
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        # Server defaults changed: mlock (pins 1.1 GB) and logits for every prompt token
+        # (a vocabulary-sized projection per token) are off.
         self.cmd = [sys.executable, "-m", "llama_cpp.server", "--model", self.model,
-                    "--host", "127.0.0.1", "--port", str(self.port), "--n_ctx", str(n_ctx),
-                    "--n_threads", str(n_threads), "--n_threads_batch", str(n_threads),
-                    *extra]
+                    "--model_alias", self.alias, "--host", "127.0.0.1", "--port",
+                    str(self.port), "--n_ctx", str(n_ctx), "--n_threads", str(n_threads),
+                    "--n_threads_batch", str(n_threads), "--use_mlock", "False",
+                    "--logits_all", "False", *extra]
         self.proc: subprocess.Popen[bytes] | None = None
         # A file, not a pipe: the server logs a lot and would block on a full pipe.
         self._log = tempfile.TemporaryFile()  # noqa: SIM115 -- closed in __exit__

@@ -90,6 +90,7 @@ def test_causal_rules_on_gsm8k(tmp_path, embedder):
     assert report.tasks == len(recs) * 2 * 2
     assert len(pairs) + len(failures) == report.tasks  # every task produced or counted
     assert report.n_produced == len(pairs) and report.n_failed == len(failures)
+    assert json.loads(json.dumps(report.to_dict()))["n_produced"] == len(pairs)
     by_id = {r.id: r for r in recs}
     assert len(pairs) == len(recs)  # rules: exactly the correctness degrades
     for p in pairs:

@@ -38,16 +38,17 @@ def _load_servers():
 servers = _load_servers()
 FaultProxy, schedule = servers.FaultProxy, servers.schedule
 
-SAMPLING = Sampling(temperature=0.0, max_tokens=8, seed=7)
-QUESTIONS = ["Name one primary color.", "What is 2 + 3? Answer with a number.",
-             "Say hello in French.", "Name a planet.", "What is the capital of Italy?",
-             "Give one word that rhymes with cat."]
+SAMPLING = Sampling(temperature=0.0, max_tokens=6, seed=7)
+# Questions with answers of one or two tokens: each call costs about a second on 2 cores.
+QUESTIONS = ["What is 2 + 3? Answer with a number.", "Name a planet.", "Say hello in French.",
+             "Give one word that rhymes with cat.", "What is the capital of Italy? One word.",
+             "Name one primary color. One word."]
 REQUESTS = [OracleRequest.make([{"role": "user", "content": q}], SAMPLING) for q in QUESTIONS]
 POISON = "(never answered)"
 
 
 def oracle(base_url: str, **kw) -> OpenAIOracle:
-    opts = {"concurrency": 1, "timeout": 60.0, "max_retries": 4, "backoff_base": 0.05,
+    opts = {"concurrency": 1, "timeout": 120.0, "max_retries": 4, "backoff_base": 0.05,
             "backoff_max": 2.0}
     opts.update(kw)
     return OpenAIOracle(OpenAIOptions(base_url=base_url, **opts))
@@ -132,17 +133,20 @@ def test_no_retry_on_other_4xx(llama_server):
 
 @pytest.mark.slow
 def test_seed_and_sampling_are_sent(llama_server):
-    warm = Sampling(temperature=1.0, max_tokens=8, top_p=0.95, seed=1234, stop=("\n\n",))
+    warm = Sampling(temperature=1.0, max_tokens=6, top_p=0.95, seed=1234, stop=("\n\n",))
     req = OracleRequest.make([{"role": "user", "content": "Invent a name for a cat."}], warm)
     with FaultProxy(llama_server.base_url) as proxy, oracle(proxy.base_url) as o:
-        a, b = o.generate([req, req])
-    body = proxy.bodies[0]
+        # The same KV-cache state before each seeded call (see the report on seeds below).
+        out = o.generate([REQUESTS[0], req, REQUESTS[0], req])
+    body = proxy.bodies[1]
     assert body["seed"] == 1234 and body["temperature"] == 1.0 and body["top_p"] == 0.95
-    assert body["max_tokens"] == 8 and body["stop"] == ["\n\n"] and body["model"] == o.model
+    assert body["max_tokens"] == 6 and body["stop"] == ["\n\n"] and body["model"] == o.model
     assert body["messages"] == [{"role": "user", "content": "Invent a name for a cat."}]
+    assert proxy.bodies[0]["seed"] == SAMPLING.seed and "stop" not in proxy.bodies[0]
     plain = o._payload(OracleRequest.make([{"role": "user", "content": "x"}], Sampling()))
     assert "seed" not in plain and "stop" not in plain
-    assert a.ok and a.text == b.text  # same seed at temperature 1: same sample
+    # llama.cpp reseeds its sampler per request: the same seed draws the same sample.
+    assert out[1].ok and out[1].text == out[3].text
 
 
 @pytest.mark.slow
@@ -167,13 +171,14 @@ def test_500_then_ok(llama_server, reference):
 
 @pytest.mark.slow
 def test_stall_times_out_then_retries(llama_server, reference):
-    with FaultProxy(llama_server.base_url, ["stall"], stall_seconds=30) as proxy, \
-            oracle(proxy.base_url, timeout=3.0) as o:
+    # 5 s: far above a one-word answer's second, so only the stall times out.
+    with FaultProxy(llama_server.base_url, ["stall"], stall_seconds=60) as proxy, \
+            oracle(proxy.base_url, timeout=5.0) as o:
         t0 = time.monotonic()
         [r] = o.generate(REQUESTS[3:4])
         elapsed = time.monotonic() - t0
     assert r.text == reference[3] and r.attempts == 2
-    assert 3.0 <= elapsed < 20
+    assert 5.0 <= elapsed < 30
     assert proxy.injected == {"stall": 1} and proxy.forwarded == 1
 
 
