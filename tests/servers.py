@@ -9,88 +9,19 @@ from __future__ import annotations
 
 import json
 import random
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Self
 from urllib.parse import urlsplit
 
+# The server itself is part of the package (benchmarks and users start it too).
+from crome.oracle.server import LlamaServer, free_port  # noqa: F401
+
 FAULTS = ("ok", "429", "500", "stall", "garbage", "bad_json")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LlamaServer:
-    """``python -m llama_cpp.server`` on a GGUF file, in a subprocess, for a ``with`` block."""
-
-    def __init__(self, model: str | Path, n_ctx: int = 4096, n_threads: int = 2,
-                 alias: str | None = None, start_timeout: float = 120.0,
-                 extra: Sequence[str] = ()) -> None:
-        self.model, self.start_timeout = str(model), start_timeout
-        # GET /models lists the alias; without one it lists the model's full path.
-        self.alias = alias or Path(model).stem
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        # Server defaults changed: mlock (pins 1.1 GB) and logits for every prompt token
-        # (a vocabulary-sized projection per token) are off.
-        self.cmd = [sys.executable, "-m", "llama_cpp.server", "--model", self.model,
-                    "--model_alias", self.alias, "--host", "127.0.0.1", "--port",
-                    str(self.port), "--n_ctx", str(n_ctx), "--n_threads", str(n_threads),
-                    "--n_threads_batch", str(n_threads), "--use_mlock", "False",
-                    "--logits_all", "False", *extra]
-        self.proc: subprocess.Popen[bytes] | None = None
-        # A file, not a pipe: the server logs a lot and would block on a full pipe.
-        self._log = tempfile.TemporaryFile()  # noqa: SIM115 -- closed in __exit__
-
-    def log_tail(self, n: int = 3000) -> str:
-        self._log.flush()
-        self._log.seek(0)
-        return self._log.read().decode(errors="replace")[-n:]
-
-    def __enter__(self) -> Self:
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + self.start_timeout
-        while True:
-            if self.proc.poll() is not None:
-                tail = self.log_tail()
-                self.__exit__()
-                raise RuntimeError(f"llama.cpp server exited with {self.proc.returncode}:\n{tail}")
-            try:
-                with urllib.request.urlopen(f"{self.base_url}/models", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except (OSError, urllib.error.URLError):
-                pass
-            if time.monotonic() > deadline:
-                tail = self.log_tail()
-                self.__exit__()
-                raise TimeoutError(f"llama.cpp server not up after {self.start_timeout:.0f} s:"
-                                   f"\n{tail}")
-            time.sleep(0.25)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
 
 
 def schedule(seed: int, n: int, rate: float = 0.5,

@@ -109,7 +109,7 @@ class OpenAIOracle:
         self.options = options
         self.base_url = options.base_url.rstrip("/")
         key = os.environ.get(options.key_env) if options.key_env else None
-        # Kept out of instance attributes that a debugger or repr would show by name.
+        # Name-mangled and never formatted: repr, str and error texts cannot show the key.
         self.__headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.__secret = key or ""
         self._has_key = bool(key)
@@ -159,7 +159,9 @@ class OpenAIOracle:
                                   headers=self.__headers)
         except httpx.TimeoutException:
             raise _Failure("timeout", retry=True) from None
-        except httpx.TransportError as exc:
+        except httpx.UnsupportedProtocol:
+            raise _Failure("bad base_url (no http:// or https://)", retry=False) from None
+        except httpx.RequestError as exc:  # connection, protocol or content-decoding errors
             raise _Failure(f"connection error ({type(exc).__name__})", retry=True) from None
         if not 200 <= r.status_code < 300:
             code = r.status_code

@@ -94,6 +94,15 @@ def test_connection_refused_is_an_error_not_an_exception():
     assert all(r.attempts == 3 and r.error and "after 3 attempts" in r.error for r in out)
 
 
+def test_backoff_bounds_and_no_retry_on_a_bad_url():
+    with oracle("127.0.0.1:9/v1", model="m", backoff_base=0.5, backoff_max=3.0) as o:
+        assert all(0 <= o._delay(0, None) <= 0.5 and 0 <= o._delay(5, None) <= 3.0
+                   for _ in range(200))  # full jitter, capped
+        assert o._delay(0, 1.0) == 1.0 and o._delay(0, 3600.0) == 3.0  # Retry-After, capped
+        [r] = o.generate(REQUESTS[:1])
+    assert r.text is None and r.attempts == 1 and r.error and "base_url" in r.error
+
+
 # ---- the real llama.cpp server -------------------------------------------------------------
 
 @pytest.mark.slow
