@@ -21,13 +21,19 @@ from pathlib import Path
 import _common  # noqa: F401  (offline env, importable checkout)
 import httpx
 
-from crome.augment import AugmentOptions, augment, causal_tasks, AugmentReport, rewrite_request
+from crome.augment import (
+    AugmentOptions,
+    AugmentReport,
+    augment,
+    causal_tasks,
+    rewrite_request,
+)
+from crome.data.schema import prompt_hash
 from crome.data.sources import load_source
 from crome.embed import Embedder
 from crome.oracle import OracleOptions, make_oracle
 from crome.oracle.server import LlamaServer
 from crome.rubrics import FALLBACK_ATTRIBUTES, Rubric
-from crome.data.schema import prompt_hash
 
 
 def raw_load(base_url: str, model: str, bodies: list[dict], concurrency: int) -> float:

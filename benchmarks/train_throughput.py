@@ -275,9 +275,8 @@ def run_child(kind: str, argv: list[str], work: Path) -> dict[str, Any]:
 
 def held_out_accuracy(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Both trained models scored by the same code on the same held-out pairs."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
     import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from crome.data.sources import load_source
     from crome.evaluate.metrics import overall_accuracy, pair_outcomes

@@ -307,6 +307,27 @@ def filter_cmd(
     typer.echo(f"kept pairs in {output}; dropped in {dropped_path(output)}")
 
 
+@app.command("serve")
+def serve_cmd(
+    model: Annotated[str | None, typer.Option(help="GGUF file (default: the packaged model)")] = None,
+    port: int = 8080,
+    host: Annotated[str, typer.Option(help="Bind address; keep 127.0.0.1 unless you "
+                                           "mean to expose it")] = "127.0.0.1",
+    threads: int = 2,
+    n_ctx: int = 4096,
+) -> None:
+    """Serve a GGUF model (default: the packaged oracle) with llama.cpp's OpenAI-compatible
+    server, for ``--oracle openai:http://HOST:PORT/v1``; Ctrl-C stops it."""
+    from crome.oracle.server import LlamaServer
+
+    with LlamaServer(model, n_ctx=n_ctx, n_threads=threads, alias="local", host=host,
+                     port=port) as server:
+        typer.echo(f"serving {server.model} as model 'local' at {server.base_url}; "
+                   f"use --oracle openai:{server.base_url}")
+        assert server.proc is not None
+        server.proc.wait()
+
+
 @app.command("quickstart")
 def quickstart_cmd(
     output_dir: Annotated[str, typer.Option("--out", "-o")] = "runs/quickstart",

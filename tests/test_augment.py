@@ -12,9 +12,17 @@ import time
 import numpy as np
 import pytest
 
-from crome.augment import (AugmentOptions, GuardOptions, augment, check_rewrite,
-                           clean_rewrite, failures_path, neutral_pairs, rewrite_request,
-                           rrm_pairs)
+from crome.augment import (
+    AugmentOptions,
+    GuardOptions,
+    augment,
+    check_rewrite,
+    clean_rewrite,
+    failures_path,
+    neutral_pairs,
+    rewrite_request,
+    rrm_pairs,
+)
 from crome.data.io import read_pairs
 from crome.data.schema import PROVENANCE_KEYS, prompt_hash
 from crome.data.sources import final_number, load_source

@@ -8,8 +8,7 @@ import pytest
 
 from crome.data.io import read_pairs, write_pairs
 from crome.data.schema import PairRecord
-from crome.filter import filter_pairs, group_of, label_confidence
-from crome.filter import FilterOptions
+from crome.filter import FilterOptions, filter_pairs, group_of, label_confidence
 from crome.model import ModelOptions, RewardModel
 from crome.score import score_pairs
 

@@ -9,9 +9,16 @@ import pytest
 from crome.data.sources import load_source
 from crome.oracle.base import OracleResponse
 from crome.oracle.rules import RulesOracle
-from crome.rubrics import (FALLBACK_ATTRIBUTES, RubricOptions, RubricParseError,
-                           make_rubrics, neutralise_tags, parse_rubric, read_rubrics,
-                           render_conversation)
+from crome.rubrics import (
+    FALLBACK_ATTRIBUTES,
+    RubricOptions,
+    RubricParseError,
+    make_rubrics,
+    neutralise_tags,
+    parse_rubric,
+    read_rubrics,
+    render_conversation,
+)
 
 
 class Scripted:

@@ -102,5 +102,17 @@ class Oracle(Protocol):
     def close(self) -> None: ...
 
 
+def generate_in_order(one: Callable[[OracleRequest], OracleResponse],
+                      requests: Sequence[OracleRequest],
+                      on_result: ResultCallback | None = None) -> list[OracleResponse]:
+    """``generate`` for backends that answer one request at a time."""
+    out: list[OracleResponse] = []
+    for i, req in enumerate(requests):
+        out.append(one(req))
+        if on_result:
+            on_result(i, out[-1])
+    return out
+
+
 def oracle_name(oracle: Oracle) -> str:
     return f"{oracle.backend}:{oracle.model}" if oracle.model else oracle.backend

@@ -18,7 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from crome.oracle.base import OracleRequest, OracleResponse, ResultCallback
+from crome.oracle.base import (
+    OracleRequest,
+    OracleResponse,
+    ResultCallback,
+    generate_in_order,
+)
 
 PACKAGED_PARTS = 22
 PACKAGED_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
@@ -146,14 +151,8 @@ class LlamaCppOracle:
 
     def generate(self, requests: Sequence[OracleRequest],
                  on_result: ResultCallback | None = None) -> list[OracleResponse]:
-        out: list[OracleResponse] = []
-        with self._lock:
-            for i, req in enumerate(requests):
-                resp = self._one(req)
-                out.append(resp)
-                if on_result:
-                    on_result(i, resp)
-        return out
+        with self._lock:  # one model, one context
+            return generate_in_order(self._one, requests, on_result)
 
     def close(self) -> None:
         if self._llm is not None:

@@ -19,7 +19,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from crome.oracle.base import OracleRequest, OracleResponse, ResultCallback
+from crome.oracle.base import (
+    OracleRequest,
+    OracleResponse,
+    ResultCallback,
+    generate_in_order,
+)
 
 _NUMBER = re.compile(r"(?<![\w.])-?\d[\d,]*(?:\.\d+)?(?![\w])")
 CORRECTNESS_WORDS = ("correct", "accura", "factual", "truth", "final answer", "math")
@@ -85,13 +90,7 @@ class RulesOracle:
 
     def generate(self, requests: Sequence[OracleRequest],
                  on_result: ResultCallback | None = None) -> list[OracleResponse]:
-        out = []
-        for i, req in enumerate(requests):
-            resp = self._one(req)
-            out.append(resp)
-            if on_result:
-                on_result(i, resp)
-        return out
+        return generate_in_order(self._one, requests, on_result)
 
     def close(self) -> None:
         pass

@@ -29,9 +29,9 @@ from crome.data import (
     load_source,
     load_xstest,
     resolve_data_dir,
+    sources,
     validate_messages,
 )
-from crome.data import sources
 
 IDENTICAL = "rejected: chosen and rejected are identical in a preference pair"
 
