@@ -14,7 +14,9 @@
 Every derived pair names its parent, recipe, attribute, direction, oracle and prompt hash.
 Outputs are streamed (:class:`crome.data.stream.ResumableJsonl`): a re-run after ``kill -9``
 continues where it stopped. Causal tasks that produce no pair go to ``<output>.failures.jsonl``
-with their reasons, so produced + failed always equals the number of tasks.
+with their reasons, so produced + failed always equals the number of tasks; tasks lost to
+oracle errors (a server down, retries exhausted) are tried again by the next run, while
+guard rejections are final.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ class AugmentReport:
     parents: int = 0
     tasks: int = 0
     resumed: int = 0  # tasks finished by an earlier run of the same output
+    retried_errors: int = 0  # tasks an earlier run lost to oracle errors, tried again
     produced: Counter[str] = field(default_factory=Counter)  # "attribute/direction" or kind
     failed: Counter[str] = field(default_factory=Counter)  # "attribute/direction: reason"
     rejections: Counter[str] = field(default_factory=Counter)  # every rejected candidate
@@ -104,8 +107,10 @@ class AugmentReport:
 
     def summary(self) -> str:
         parts = [f"{self.recipe}: {self.parents} parent pairs, {self.tasks} tasks "
-                 f"({self.resumed} done by an earlier run); {self.n_produced} pairs produced, "
-                 f"{self.n_failed} tasks failed"]
+                 f"({self.resumed} done by an earlier run"
+                 + (f", {self.retried_errors} retried after its oracle errors"
+                    if self.retried_errors else "")
+                 + f"); {self.n_produced} pairs produced, {self.n_failed} tasks failed"]
         if self.skipped:
             parts.append("skipped parents: " + _fmt(self.skipped))
         if self.rejections:
@@ -150,21 +155,23 @@ HINTS = {
                "better on it.",
 }
 
-# One worked example per direction (the same every time, so a server's prefix cache reuses it).
-EXAMPLES = {
-    "degrade": ("How long does light from the Sun take to reach Earth?",
-                "Light from the Sun takes about 8 minutes and 20 seconds to reach Earth, "
-                "travelling roughly 150 million kilometres.",
-                Attribute("correctness", "The facts and numbers are right."),
-                "Light from the Sun takes about 3 minutes and 20 seconds to reach Earth, "
-                "travelling roughly 15 million kilometres."),
-    "upgrade": ("How long does light from the Sun take to reach Earth?",
-                "Light from the Sun takes about 8 minutes to reach the Moon, which is "
-                "close to Earth.",
-                Attribute("relevance", "The reply answers the question that was asked."),
-                "Light from the Sun takes about 8 minutes and 20 seconds to reach Earth, "
-                "which is what you asked."),
-}
+# One worked example per direction. Both lead every rewrite request, in this order, so that
+# every request starts with the same tokens: llama.cpp (in-process or served) then reuses
+# their evaluation and only the new conversation and answer are read. Measured on the
+# quickstart: alternating one-example prefixes made each call re-read the example.
+EXAMPLES = (
+    ("degrade", "How long does light from the Sun take to reach Earth?",
+     "Light from the Sun takes about 8 minutes and 20 seconds to reach Earth, travelling "
+     "roughly 150 million kilometres.",
+     Attribute("correctness", "The facts and numbers are right."),
+     "Light from the Sun takes about 3 minutes and 20 seconds to reach Earth, travelling "
+     "roughly 15 million kilometres."),
+    ("upgrade", "How long does light from the Sun take to reach Earth?",
+     "Light from the Sun takes about 8 minutes to reach the Moon, which is close to Earth.",
+     Attribute("relevance", "The reply answers the question that was asked."),
+     "Light from the Sun takes about 8 minutes and 20 seconds to reach Earth, which is what "
+     "you asked."),
+)
 
 
 def _user_message(prompt: Prompt, answer: str, attribute: Attribute, direction: str) -> str:
@@ -177,14 +184,16 @@ def _user_message(prompt: Prompt, answer: str, attribute: Attribute, direction: 
 
 def rewrite_request(prompt: Prompt, answer: str, attribute: Attribute, direction: str,
                     candidate: int, options: AugmentOptions) -> OracleRequest:
-    ex_prompt, ex_answer, ex_attr, ex_out = EXAMPLES[direction]
-    messages = [
-        {"role": "system", "content": REWRITE_SYSTEM},
-        {"role": "user", "content": _user_message(ex_prompt, ex_answer, ex_attr, direction)},
-        {"role": "assistant", "content": ex_out},
-        {"role": "user", "content": _user_message(prompt, answer, attribute, direction)},
-    ]
-    budget = min(options.max_new_tokens, 64 + 2 * len(answer) // 3)  # ~2× the answer
+    messages = [{"role": "system", "content": REWRITE_SYSTEM}]
+    for ex_direction, ex_prompt, ex_answer, ex_attr, ex_out in EXAMPLES:
+        messages += [{"role": "user", "content": _user_message(ex_prompt, ex_answer, ex_attr,
+                                                               ex_direction)},
+                     {"role": "assistant", "content": ex_out}]
+    messages.append({"role": "user",
+                     "content": _user_message(prompt, answer, attribute, direction)})
+    # about twice the answer's tokens (~4 characters a token): room for an edit of the same
+    # length, and a cap on a model that rambles (the length guard rejects that anyway)
+    budget = min(options.max_new_tokens, 48 + len(answer) // 2)
     sampling = Sampling(temperature=0.0 if candidate == 0 else options.temperature,
                         max_tokens=budget, seed=options.seed + candidate)
     return OracleRequest.make(messages, sampling, task={
@@ -339,7 +348,12 @@ def causal_pairs(records: Sequence[PairRecord], rubrics: dict[str, Rubric], orac
             if row["id"] in by_id:
                 report.produced[by_id[row["id"]].key] += 1
         for row in failed.rows():
-            if row["id"] in by_id:
+            if row["id"] not in by_id or row["id"] in out.done:
+                continue
+            if row["reason"] == "oracle_error":  # transient: try again now
+                failed.forget(row["id"])
+                report.retried_errors += 1
+            else:
                 report.failed[f"{by_id[row['id']].key}: {row['reason']}"] += 1
         todo = [t for t in tasks if t.id not in out.done and t.id not in failed.done]
         report.resumed = len(tasks) - len(todo)
@@ -502,7 +516,8 @@ def rrm_pairs(records: Sequence[PairRecord], options: AugmentOptions | None = No
     rep = report if report is not None else AugmentReport(recipe="rrm")
     prefs = [r for r in records if r.label == "chosen"]
     rep.parents = len(records)
-    rep.skipped["tie_parent"] += len(records) - len(prefs)
+    if len(prefs) < len(records):
+        rep.skipped["tie_parent"] += len(records) - len(prefs)
     if embedder is None:
         from crome.embed import Embedder
 

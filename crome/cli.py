@@ -343,7 +343,7 @@ def quickstart_cmd(
     oracle: OracleOpt = "llamacpp",
     oracle_model: OracleModelOpt = "",
     cache: CacheOpt = None,
-    augment_pairs: Annotated[int, typer.Option(help="Pairs given causal rewrites")] = 24,
+    augment_pairs: Annotated[int, typer.Option(help="Pairs given causal rewrites")] = 12,
     attributes: Annotated[int, typer.Option(help="Rubric attributes per pair")] = 1,
     neutral_pairs: Annotated[int, typer.Option(help="Original pairs made neutral")] = 300,
     tau: Annotated[float, typer.Option(help="Filter: keep pairs with P(label) < tau")] = 0.95,

@@ -63,7 +63,7 @@ class QuickstartOptions:
     oracle: str = "llamacpp"
     oracle_model: str = ""
     cache: str | None = None  # None: <output_dir>/oracle.sqlite3
-    augment_pairs: int = 24  # pairs that get rubrics and causal rewrites
+    augment_pairs: int = 12  # pairs that get rubrics and causal rewrites
     augment_max_chars: int = 600  # ... chosen among pairs whose answers are this short
     attributes_per_pair: int = 1
     candidates: int = 2

@@ -246,3 +246,35 @@ def test_embedder_unit_vectors(embedder):
     v = embedder.encode(["a cat sat", "a cat sat", "quantum chromodynamics"])
     assert np.allclose(np.linalg.norm(v, axis=1), 1, atol=1e-5)
     assert v[0] @ v[1] == pytest.approx(1.0, abs=1e-6) and v[0] @ v[2] < 0.5
+
+
+class Down:
+    """A backend whose server is down: every request fails (a transient fault)."""
+
+    backend, model = "rules", "v1"  # the same name as the backend that will recover
+
+    def generate(self, requests, on_result=None):
+        from crome.oracle.base import OracleResponse
+
+        return [OracleResponse(text=None, error="connection error after 5 attempts")
+                for _ in requests]
+
+    def close(self):
+        pass
+
+
+def test_oracle_errors_are_retried_by_the_next_run(tmp_path, embedder):
+    recs = _gsm8k(6)
+    make_rubrics(recs, RulesOracle(), tmp_path / "r.jsonl")
+    rubrics = read_rubrics(tmp_path / "r.jsonl")
+    out = tmp_path / "c.jsonl"
+    opts = AugmentOptions(attributes_per_pair=1, directions=("degrade",))
+    down = augment(recs, out, opts, oracle=Down(), rubrics=rubrics, embedder=embedder)
+    assert down.n_produced == 0 and down.n_failed == len(recs)
+    assert set(down.failed) == {"correctness/degrade: oracle_error"}
+    up = augment(recs, out, opts, oracle=RulesOracle(), rubrics=rubrics, embedder=embedder)
+    assert up.retried_errors == len(recs) and up.n_produced == len(recs) and up.n_failed == 0
+    assert "retried after its oracle errors" in up.summary()
+    assert len(read_pairs(out)) == len(recs)
+    third = augment(recs, out, opts, oracle=Down(), rubrics=rubrics, embedder=embedder)
+    assert third.resumed == len(recs) and third.n_produced == len(recs)

@@ -3,7 +3,9 @@
 Rows are written one line at a time and flushed, so a process killed with ``kill -9`` leaves
 every finished row on disk and at most one partial last line. Reopening the file drops that
 partial line (counted in ``repaired_bytes``), reads the keys already written, and appends
-after them: a re-run neither loses nor duplicates a row.
+after them: a re-run neither loses nor duplicates a row. A key is written once per run; a key
+that a run chose to redo (``forget``) gets a new row, and the last row of a key is the one
+that counts.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class ResumableJsonl:
         self.done: set[str] = set()
         self.repaired_bytes = 0
         self.written = 0
-        self._rows: list[dict[str, Any]] = []
+        self._rows: dict[str, dict[str, Any]] = {}
         self._fh: IO[str] | None = None
 
     def __enter__(self) -> ResumableJsonl:
@@ -69,10 +71,9 @@ class ResumableJsonl:
             if not isinstance(row, dict) or not isinstance(row.get(self.key), str):
                 raise RecordError(f"row without a string '{self.key}'", path=str(self.path),
                                   line=n, field=self.key)
-            if row[self.key] in self.done:
-                continue  # tolerate a duplicate written by hand; never write one ourselves
+            # A later row for the same key supersedes an earlier one (see ``forget``).
             self.done.add(row[self.key])
-            self._rows.append(row)
+            self._rows[row[self.key]] = row
         if not self.writable:
             return
         if good < len(data):
@@ -84,8 +85,13 @@ class ResumableJsonl:
                 fh.write(b"\n")
 
     def rows(self) -> list[dict[str, Any]]:
-        """Rows present when the file was opened."""
-        return list(self._rows)
+        """Rows present when the file was opened (the last one of each key)."""
+        return list(self._rows.values())
+
+    def forget(self, key: str) -> None:
+        """Let ``key`` be written again: its new row will supersede the old one on the next
+        read (used to retry a task that failed for a transient reason)."""
+        self.done.discard(key)
 
     def write(self, row: dict[str, Any]) -> bool:
         """Append a row unless its key is already there; ``False`` when it was."""

@@ -56,3 +56,15 @@ def test_row_without_key_is_an_error(tmp_path):
     path.write_text('{"name": "a"}\n')
     with pytest.raises(RecordError, match="field 'id'"):
         ResumableJsonl(path).__enter__()
+
+
+def test_forget_lets_a_key_be_rewritten_and_the_last_row_wins(tmp_path):
+    path = tmp_path / "out.jsonl"
+    with ResumableJsonl(path) as out:
+        out.write({"id": "a", "status": "failed"})
+    with ResumableJsonl(path) as out:
+        assert not out.write({"id": "a", "status": "again"})
+        out.forget("a")
+        assert out.write({"id": "a", "status": "done"})
+    with ResumableJsonl(path) as out:
+        assert [r["status"] for r in out.rows()] == ["done"]
