@@ -25,6 +25,7 @@ from crome.augment import AugmentOptions, augment, failures_path
 from crome.data.io import read_pairs
 from crome.data.sources import load_source
 from crome.oracle import OracleOptions, make_oracle
+from crome.oracle.rules import RulesOracle
 from crome.rubrics import make_rubrics, read_rubrics
 
 
@@ -37,6 +38,9 @@ def main() -> None:
     ap.add_argument("--oracle", default="llamacpp")
     ap.add_argument("--oracle-model", default="")
     ap.add_argument("--examples", type=int, default=5)
+    ap.add_argument("--fallback-rubrics", action="store_true",
+                    help="skip the oracle's rubrics: every pair gets the fallback attributes "
+                         "(saves one oracle call per prompt)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default="runs/bench/augment_quality")
     args = ap.parse_args()
@@ -50,7 +54,8 @@ def main() -> None:
     oracle = make_oracle(OracleOptions(spec=args.oracle, model=args.oracle_model,
                                        cache=str(out / "oracle.sqlite3")))
     t0 = time.perf_counter()
-    rub = make_rubrics(records, oracle, out / "rubrics.jsonl")
+    rubric_oracle = RulesOracle() if args.fallback_rubrics else oracle  # rules: fallback set
+    rub = make_rubrics(records, rubric_oracle, out / "rubrics.jsonl")
     t_rub = time.perf_counter() - t0
     print(rub.summary())
     opts = AugmentOptions(attributes_per_pair=args.attributes, candidates=args.candidates)

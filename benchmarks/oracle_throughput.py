@@ -102,7 +102,7 @@ def main() -> None:
         crome_s, rep, stats = crome_run("first")
         print(f"crome augment: {crome_s:.1f} s, {len(tasks) / crome_s:.3f} req/s "
               f"({stats.summary()}; {rep.n_produced} pairs, {rep.n_failed} failed)")
-        again_s, rep2, stats2 = crome_run("second")
+        again_s, _, stats2 = crome_run("second")
         print(f"crome augment, second run: {again_s:.2f} s ({stats2.summary()})")
     ratio = raw_s / crome_s
     print(f"ratio crome / raw throughput: {ratio:.3f} (target ≥ 0.90)")
