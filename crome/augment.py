@@ -400,15 +400,16 @@ def _run_batch(batch: list[RewriteTask], oracle: Oracle, name: str, embedder: An
                 report.rejections[reason] += 1
                 texts.pop(task.id, None)
         survivors = [t for t in pending if t.id in texts]
-        sims = embedder.similarity([t.source_answer for t in survivors],
-                                   [texts[t.id] for t in survivors]) if survivors else []
+        sims = dict(zip((t.id for t in survivors), embedder.similarity(
+            [t.source_answer for t in survivors],
+            [texts[t.id] for t in survivors]))) if survivors else {}
         still: list[RewriteTask] = []
         for task in pending:
             if task.id not in texts:
                 if task.id not in final:
                     still.append(task)
                 continue
-            sim = float(sims[survivors.index(task)])
+            sim = float(sims[task.id])
             # A rule's edit is exact by construction (one number changed): the similarity
             # bounds, which catch an LLM's no-op or runaway edits, do not apply to it.
             reason = None if exact else similarity_reason(sim, opts.guards)
