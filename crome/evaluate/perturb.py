@@ -1,0 +1,494 @@
+"""The perturbation suite: named, seeded, meaning-preserving rewrites of evaluation pairs.
+
+A *transformation* rewrites one text (``typos``, ``markdown``, ``math_format`` …); a
+*perturbation* binds it to a target, written ``NAME@TARGET``:
+
+* ``@prompt``: the prompt (its last user turn for a chat);
+* ``@both``: both answers, with the same random draws (the same URL, the same filler), so a
+  fair scorer keeps its ranking: what changes is style, not which answer is better;
+* ``@rejected`` / ``@chosen``: one answer only. A length or format boost given to the
+  rejected answer alone is the *bait* case: a scorer that rewards style takes it.
+
+Every transformation is deterministic given ``(seed, perturbation, record id)``. One that
+cannot apply to a text (no number to reformat, no code to comment, no punctuation) returns
+``None``; the pair is then left out of that perturbation's figures and counted with the
+reason, never silently dropped. Text inside code (fenced blocks, inline code) is never
+touched by the surface transformations, since a typo in code changes what it does.
+
+For each perturbation :func:`evaluate_perturbations` reports, on the pairs it applies to:
+accuracy, accuracy of the same pairs unperturbed, the drop (clean - perturbed, positive is
+worse), consistency (the fraction of pairs whose ranking did not flip) and the mean absolute
+reward change of the rewritten answers, also in units of the scorer's reward standard
+deviation (the causal audit's invariance).
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import re
+import statistics
+import string
+import tokenize
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from crome.data.schema import PairRecord, Prompt
+from crome.evaluate.reference import Scorer, markdown_features
+
+Target = Literal["prompt", "both", "chosen", "rejected"]
+TARGETS: tuple[Target, ...] = ("prompt", "both", "chosen", "rejected")
+ANSWERS: tuple[Target, ...] = ("both", "chosen", "rejected")
+TextFn = Callable[[str, random.Random], "str | None"]
+
+# --------------------------------------------------------------------------- code spans
+
+_FENCED = re.compile(r"^ {0,3}(`{3,}|~{3,})([^\n`]*)\n(.*?)(?:^ {0,3}\1[ \t]*$|\Z)",
+                     re.MULTILINE | re.DOTALL)
+_INLINE_CODE = re.compile(r"(`+)[^`\n]+?\1")
+
+
+def _code_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans of fenced blocks (an open fence runs to the end) and inline code."""
+    spans = [(m.start(), m.end()) for m in _FENCED.finditer(text)]
+    for m in _INLINE_CODE.finditer(text):
+        if not any(a <= m.start() < b for a, b in spans):
+            spans.append((m.start(), m.end()))
+    return spans
+
+
+def _outside(spans: Sequence[tuple[int, int]], start: int, end: int) -> bool:
+    return not any(a < end and start < b for a, b in spans)
+
+
+# --------------------------------------------------------------------------- surface
+
+def wrap_in_quotes(text: str, rng: random.Random) -> str | None:
+    return f'"{text}"'
+
+
+_PUNCT = re.compile(r"(?<=\w)([,.;:!?])(?=\s|$)")
+
+
+def spaces_around_punctuation(text: str, rng: random.Random) -> str | None:
+    spans = _code_spans(text)
+    hits = [m for m in _PUNCT.finditer(text) if _outside(spans, m.start(), m.end())]
+    if not hits:
+        return None
+    out, last = [], 0
+    for m in hits:
+        out += [text[last:m.start()], " ", m.group(1)]
+        last = m.end()
+    return "".join(out) + text[last:]
+
+
+_DOMAINS = ("t.co", "bit.ly", "example.com", "tinyurl.com")
+_HANDLES = ("alex", "sam_writes", "the_real_jo", "mika", "dev_chris", "lee.k")
+
+
+def _token(rng: random.Random, n: int) -> str:
+    return "".join(rng.choice(string.ascii_letters + string.digits) for _ in range(n))
+
+
+def append_url(text: str, rng: random.Random) -> str | None:
+    return f"{text} https://{rng.choice(_DOMAINS)}/{_token(rng, 8)}"
+
+
+def append_handle(text: str, rng: random.Random) -> str | None:
+    return f"{text} @{rng.choice(_HANDLES)}{rng.randrange(10, 100)}"
+
+
+_TYPO_WORD = re.compile(r"[A-Za-z]{4,}")
+TYPO_RATE = 0.05
+
+
+def typos(text: str, rng: random.Random, rate: float = TYPO_RATE) -> str | None:
+    """Swap, substitute, insert or delete one inner letter in ``rate`` of the words of
+    four letters or more (at least one word), outside code."""
+    spans = _code_spans(text)
+    words = [m for m in _TYPO_WORD.finditer(text) if _outside(spans, m.start(), m.end())]
+    if not words:
+        return None
+    picked = sorted(rng.sample(range(len(words)), max(1, round(rate * len(words)))))
+    out, last = [], 0
+    for i in picked:
+        m = words[i]
+        w = m.group()
+        j = rng.randrange(1, len(w) - 1)
+        op = rng.choice(("swap", "substitute", "insert", "delete"))
+        if op == "swap" and w[j] != w[j + 1]:
+            new = w[:j] + w[j + 1] + w[j] + w[j + 2:]
+        elif op == "insert":
+            new = w[:j] + rng.choice(string.ascii_lowercase) + w[j:]
+        elif op == "delete":
+            new = w[:j] + w[j + 1:]
+        else:
+            letter = rng.choice([c for c in string.ascii_lowercase if c != w[j].lower()])
+            new = w[:j] + letter + w[j + 1:]
+        out += [text[last:m.start()], new]
+        last = m.end()
+    return "".join(out) + text[last:]
+
+
+def tautology(text: str, rng: random.Random) -> str | None:
+    return text + " and true is true" * 5
+
+
+_DISTRACTORS = (
+    "The Eiffel Tower was completed in 1889 for the World's Fair in Paris.",
+    "Honey never spoils if it is kept in a sealed container.",
+    "The Pacific is the largest and deepest of Earth's oceans.",
+    "Octopuses have three hearts and blue blood.",
+)
+
+
+def ignore_above(text: str, rng: random.Random) -> str | None:
+    return f"{rng.choice(_DISTRACTORS)}\n\nIgnore the text above.\n\n{text}"
+
+
+def ignore_below(text: str, rng: random.Random) -> str | None:
+    return f"{text}\n\nIgnore the text below.\n\n{rng.choice(_DISTRACTORS)}"
+
+
+# --------------------------------------------------------------------------- format, verbosity
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+_FINAL_LINE = re.compile(r"^\s*(?:####|A:)")
+_BLOCK_LINE = re.compile(r"^\s*(?:[-*+]\s|\d{1,3}[.)]\s|#{1,6}\s|>|\|)")
+_HEADINGS = ("## Answer", "## Overview", "## Summary", "### Key points")
+
+
+def _paragraphs(text: str) -> list[tuple[bool, str]]:
+    """``(is_code, chunk)`` in order: fenced blocks whole, prose split on blank lines."""
+    out: list[tuple[bool, str]] = []
+    last = 0
+    for m in _FENCED.finditer(text):
+        out += [(False, p) for p in re.split(r"\n\s*\n", text[last:m.start()]) if p.strip()]
+        out.append((True, m.group().rstrip("\n")))
+        last = m.end()
+    out += [(False, p) for p in re.split(r"\n\s*\n", text[last:]) if p.strip()]
+    return out
+
+
+def _bold_lead(sentence: str) -> str:
+    words = sentence.split(" ")
+    k = min(3, max(1, len(words) // 3))
+    lead = " ".join(words[:k]).rstrip(",;:")
+    rest = sentence[len(lead):]
+    return f"**{lead}**{rest}" if lead.strip() and "*" not in lead and "`" not in lead \
+        else sentence
+
+
+def to_markdown(text: str, rng: random.Random) -> str | None:
+    """Same content as markdown: a heading, each prose sentence a bullet with its first
+    words in bold; code blocks, existing lists and final-answer lines (``####``, ``A:``)
+    are kept as they are. ``None`` when that adds no markdown."""
+    blocks = [rng.choice(_HEADINGS)]
+    for is_code, chunk in _paragraphs(text):
+        if is_code:
+            blocks.append(chunk)
+            continue
+        lines: list[str] = []
+        for line in chunk.splitlines():
+            if not line.strip():
+                continue
+            if _FINAL_LINE.match(line):
+                lines.append(f"\n{line}")  # its own paragraph, not part of a bullet
+                continue
+            if _BLOCK_LINE.match(line):
+                lines.append(line)
+                continue
+            lines += [f"- {_bold_lead(s.strip())}" for s in _SENTENCE_END.split(line.strip())
+                      if s.strip()]
+        blocks.append("\n".join(lines))
+    out = "\n\n".join(b for b in blocks if b)
+    before = sum(markdown_features(text).values())
+    return out if sum(markdown_features(out).values()) > before else None
+
+
+_OPENERS = ("Great question! ", "Sure, I'd be happy to help with that. ",
+            "That's a really interesting question. ", "Absolutely! ")
+_HEDGES = (" Of course, this can vary depending on the situation.",
+           " That said, every case is a little different.",
+           " It is worth keeping in mind that there are many perspectives on this.")
+_CLOSERS = ("I hope this helps! Let me know if you have any other questions.",
+            "Feel free to ask if anything is unclear.",
+            "I hope this answers your question.")
+
+
+def add_filler(text: str, rng: random.Random) -> str | None:
+    """A content-free opener, a hedge after the first line when it is prose, and a
+    closing line."""
+    opener, hedge, closer = rng.choice(_OPENERS), rng.choice(_HEDGES), rng.choice(_CLOSERS)
+    head, sep, tail = text.strip().partition("\n")
+    if head.lstrip().startswith(("```", "~~~")) or _FINAL_LINE.match(head) \
+            or _BLOCK_LINE.match(head):
+        hedge = ""
+    return f"{opener}{head}{hedge}{sep}{tail}\n\n{closer}"
+
+
+_CONNECTIVES = ("In other words:", "To put it another way:", "To sum up:")
+
+
+def restate(text: str, rng: random.Random) -> str | None:
+    """Longer by repetition: up to three of the answer's prose sentences restated at the
+    end after a connective ("In other words, …"). ``None`` without prose."""
+    sentences: list[str] = []
+    for is_code, chunk in _paragraphs(text):
+        if is_code:
+            continue
+        for line in chunk.splitlines():
+            if line.strip() and not _FINAL_LINE.match(line):
+                sentences += [s.strip() for s in _SENTENCE_END.split(line.strip())
+                              if len(s.split()) >= 3]
+    if not sentences:
+        return None
+    again = " ".join(sentences[:3])
+    return f"{text.rstrip()}\n\n{rng.choice(_CONNECTIVES)} {again}"
+
+
+# --------------------------------------------------------------------------- domain: math
+
+_NUM = r"-?\$?\d[\d,]*(?:\.\d+)?"
+_MATH_FORMATS: dict[str, re.Pattern[str]] = {
+    "hashes": re.compile(rf"####[ \t]*({_NUM})"),
+    "sentence": re.compile(rf"[Tt]he (?:final )?answer is:?[ \t]*({_NUM})\.?"),
+    "boxed": re.compile(rf"\\boxed\{{({_NUM})\}}"),
+    "a_line": re.compile(rf"(?m)^A:[ \t]*({_NUM})\.?"),
+}
+_RENDER = {"hashes": "#### {n}", "sentence": "The answer is {n}.", "boxed": "\\boxed{{{n}}}"}
+
+
+def swap_math_format(text: str, rng: random.Random) -> str | None:
+    """The last final-answer marker in another of the three formats (``#### 18``,
+    ``The answer is 18.``, ``\\boxed{18}``; GSM8K's ``A: 18`` is read too)."""
+    found = [(m.start(), kind, m) for kind, rx in _MATH_FORMATS.items()
+             for m in rx.finditer(text)]
+    if not found:
+        return None
+    _, kind, m = max(found, key=lambda t: t[0])
+    new_kind = rng.choice([k for k in _RENDER if k != kind])
+    number = m.group(1).replace("$", "")
+    return text[:m.start()] + _RENDER[new_kind].format(n=number) + text[m.end():]
+
+
+# --------------------------------------------------------------------------- domain: code
+
+_C_LIKE = {"c", "cpp", "c++", "java", "javascript", "js", "ts", "typescript", "go", "rust",
+           "csharp", "cs", "kotlin", "swift"}
+_ADDED_COMMENTS = ("Note: the next line is part of the solution.",
+                   "Continue with the steps below.", "This part handles the main logic.")
+_COMMENT_BEFORE = re.compile(r"^(\s*)(def |class |for |while |if |return\b|function |"
+                             r"const |let |int |public |fn )")
+
+
+def _python_comments(code: str) -> list[tuple[int, int]] | None:
+    """(line index, column) of every ``#`` comment, or ``None`` if the code does not
+    tokenise as Python."""
+    try:
+        toks = list(tokenize.generate_tokens(io.StringIO(code).readline))
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return None
+    return [(t.start[0] - 1, t.start[1]) for t in toks if t.type == tokenize.COMMENT]
+
+
+def _strip_code(code: str, lang: str) -> str | None:
+    lines = code.split("\n")
+    if lang in _C_LIKE:
+        hits = [(i, lines[i].index("//")) for i in range(len(lines))
+                if lines[i].lstrip().startswith("//")]
+    else:
+        hits = _python_comments(code)
+        if hits is None:
+            return None
+    if not hits:
+        return None
+    drop = set()
+    for i, col in hits:
+        kept = lines[i][:col].rstrip()
+        if kept:
+            lines[i] = kept
+        else:
+            drop.add(i)
+    return "\n".join(ln for i, ln in enumerate(lines) if i not in drop)
+
+
+def _comment_code(code: str, lang: str, rng: random.Random) -> str | None:
+    mark = "//" if lang in _C_LIKE else "#"
+    lines = code.split("\n")
+    out: list[str] = []
+    added = 0
+    for line in lines:
+        m = _COMMENT_BEFORE.match(line)
+        if m and added < 5:
+            out.append(f"{m.group(1)}{mark} {rng.choice(_ADDED_COMMENTS)}")
+            added += 1
+        out.append(line)
+    return "\n".join(out) if added else None
+
+
+def _looks_like_python(text: str) -> bool:
+    if "\n" not in text.strip() or not re.search(r"^\s*(def |return |import |for )", text,
+                                                  re.MULTILINE):
+        return False
+    try:
+        ast.parse(text)
+    except SyntaxError:
+        return False
+    return True
+
+
+def _map_code(text: str, edit: Callable[[str, str], str | None]) -> str | None:
+    """Apply ``edit(code, lang)`` to every fenced block (or to the whole answer when it is
+    bare Python, as HumanEval completions are); ``None`` if no block changed."""
+    blocks = list(_FENCED.finditer(text))
+    if not blocks:
+        return edit(text, "python") if _looks_like_python(text) else None
+    out, last, changed = [], 0, False
+    for m in blocks:
+        lang = m.group(2).strip().lower() or "python"
+        new = edit(m.group(3).rstrip("\n"), lang)
+        if new is None:
+            continue
+        changed = True
+        out += [text[last:m.start(3)], new, "\n"]
+        last = m.start(3) + len(m.group(3).rstrip("\n")) + 1
+    return "".join(out) + text[last:] if changed else None
+
+
+def strip_code_comments(text: str, rng: random.Random) -> str | None:
+    return _map_code(text, _strip_code)
+
+
+def add_code_comments(text: str, rng: random.Random) -> str | None:
+    return _map_code(text, lambda code, lang: _comment_code(code, lang, rng))
+
+
+# --------------------------------------------------------------------------- registry
+
+@dataclass(frozen=True)
+class Transformation:
+    """A named text rewrite; ``fn`` is ``None`` for the oracle-based ones."""
+
+    name: str
+    kind: Literal["surface", "format", "domain", "oracle"]
+    description: str
+    fn: TextFn | None
+    targets: tuple[Target, ...] = TARGETS
+    needs: str = ""  # what a text must have for the rewrite to apply
+
+
+TRANSFORMATIONS: dict[str, Transformation] = {t.name: t for t in (
+    Transformation("quotes", "surface", "wraps the text in double quotes", wrap_in_quotes),
+    Transformation("punct_spaces", "surface", "puts a space before each punctuation mark "
+                   "that ends a word ('word , word .')", spaces_around_punctuation,
+                   needs="punctuation outside code"),
+    Transformation("url", "surface", "appends a random short URL", append_url),
+    Transformation("handle", "surface", "appends a random @handle", append_handle),
+    Transformation("typos", "surface", f"character typos (swap, substitute, insert or delete a "
+                   f"letter) in {TYPO_RATE:.0%} of the words, outside code", typos,
+                   needs="a word of 4+ letters outside code"),
+    Transformation("tautology", "surface", "appends 'and true is true' five times "
+                   "(StressTest)", tautology),
+    Transformation("ignore_above", "surface", "an unrelated sentence, then 'Ignore the text "
+                   "above.', before the text", ignore_above),
+    Transformation("ignore_below", "surface", "after the text, 'Ignore the text below.' and "
+                   "an unrelated sentence", ignore_below),
+    Transformation("markdown", "format", "the same content as markdown: a heading, one "
+                   "bullet per sentence, bold lead words", to_markdown, ANSWERS,
+                   needs="prose that markdown can add to"),
+    Transformation("filler", "format", "content-free opener, hedge and closing line "
+                   "('Great question! … I hope this helps!')", add_filler, ANSWERS),
+    Transformation("restate", "format", "longer by restating up to three of its sentences "
+                   "('In other words, …')", restate, ANSWERS,
+                   needs="a prose sentence of 3+ words"),
+    Transformation("math_format", "domain", "final answer written another way "
+                   "('#### 18' / 'The answer is 18.' / '\\boxed{18}')", swap_math_format,
+                   ANSWERS, needs="a final-answer marker (####, The answer is, \\boxed, A:)"),
+    Transformation("code_comments_strip", "domain", "removes the comments from code",
+                   strip_code_comments, ANSWERS, needs="code with comments"),
+    Transformation("code_comments_add", "domain", "adds content-free comments to code",
+                   add_code_comments, ANSWERS, needs="code with a def/for/if/return line"),
+    Transformation("paraphrase", "oracle", "a paraphrase by the oracle LLM, checked to be "
+                   "neither a copy nor a runaway (cached)", None, ANSWERS,
+                   needs="an oracle paraphrase that passes the guards"),
+)}
+
+# What `--perturb default` runs: every non-oracle transformation at least once, the surface
+# ones on both answers (ranking must hold), and the style boosts also on the rejected answer
+# alone (the bait).
+DEFAULT_SUITE: tuple[str, ...] = (
+    "quotes@both", "punct_spaces@both", "url@both", "handle@both", "typos@both",
+    "typos@prompt", "tautology@both", "ignore_above@both", "ignore_below@prompt",
+    "markdown@both", "markdown@rejected", "filler@rejected", "restate@rejected",
+    "math_format@both", "code_comments_strip@both", "code_comments_add@both",
+)
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """A transformation bound to a target: ``typos@both``."""
+
+    transformation: Transformation
+    target: Target
+
+    @property
+    def id(self) -> str:
+        return f"{self.transformation.name}@{self.target}"
+
+    @property
+    def bait(self) -> bool:
+        """A style change to one answer only: the ranking may legitimately suffer."""
+        return self.target in ("chosen", "rejected")
+
+
+def parse_perturbations(specs: Iterable[str], with_oracle: bool = False) -> list[Perturbation]:
+    """``default``, ``all``, ``NAME`` (its first target: ``both`` where allowed) or
+    ``NAME@TARGET``, in order, without repeats. ``all`` includes the oracle ones only when
+    ``with_oracle``."""
+    out: dict[str, Perturbation] = {}
+    for spec in specs:
+        spec = spec.strip()
+        if spec == "default":
+            items = list(DEFAULT_SUITE)
+        elif spec == "all":
+            items = [f"{t.name}@{tg}" for t in TRANSFORMATIONS.values() for tg in t.targets
+                     if t.fn is not None or with_oracle]
+        else:
+            items = [spec]
+        for item in items:
+            name, _, target = item.partition("@")
+            t = TRANSFORMATIONS.get(name)
+            if t is None:
+                raise ValueError(f"unknown transformation {name!r}; known: "
+                                 f"{', '.join(TRANSFORMATIONS)} (or 'default', 'all')")
+            target = target or ("both" if "both" in t.targets else t.targets[0])
+            if target not in t.targets:
+                raise ValueError(f"{name} applies to {', '.join(t.targets)}, not {target!r}")
+            p = Perturbation(t, target)  # type: ignore[arg-type]
+            out.setdefault(p.id, p)
+    return list(out.values())
+
+
+def rng_for(seed: int, perturbation_id: str, key: str) -> random.Random:
+    """The random stream of one perturbation on one record: the same for both of its sides."""
+    digest = hashlib.sha256(f"{seed}\0{perturbation_id}\0{key}".encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+def apply_text(name: str, text: str, seed: int = 0, key: str = "") -> str | None:
+    """One transformation on one text, seeded by ``(seed, name, key)``; ``None`` when it
+    does not apply or leaves the text unchanged."""
+    t = TRANSFORMATIONS[name]
+    if t.fn is None:
+        raise ValueError(f"{name} needs an oracle: use perturb_records(..., oracle=...)")
+    new = t.fn(text, rng_for(seed, name, key))
+    return new if new is not None and new != text else None
