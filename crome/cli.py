@@ -141,35 +141,149 @@ def score_cmd(
                f"{stats.truncation.summary()}; wrote {output}")
 
 
-@app.command("eval")
-def eval_cmd(
-    data: DataOpt,
-    model: Annotated[list[Path] | None, typer.Option("--model", "-m")] = None,
-    reference: Annotated[list[str] | None, typer.Option(
-        help="Reference scorer: longer-wins, markdown-wins; repeatable")] = None,
-    output_dir: Annotated[Path, typer.Option("--out", "-o")] = Path("runs/eval"),
-    data_dir: DataDirOpt = None,
-    max_eval: Annotated[int | None, typer.Option(help="First N pairs per subset")] = None,
-    batch_size: int = 64,
-    bf16: Annotated[bool, typer.Option("--bf16/--no-bf16")] = False,
-) -> None:
-    """Pairwise accuracy per subset (ties wrong), RewardBench sections, length bias."""
+ModelOpt = Annotated[list[Path] | None, typer.Option(
+    "--model", "-m", help="A crome model dir or any HF sequence-classification RM; repeatable")]
+ReferenceOpt = Annotated[list[str] | None, typer.Option(
+    help="Reference scorer: longer-wins, markdown-wins; repeatable")]
+
+
+def _scorers(model: list[Path] | None, reference: list[str] | None, batch_size: int,
+             bf16: bool) -> list:  # type: ignore[type-arg]
     from crome.evaluate.reference import get_reference_scorer
-    from crome.evaluate.run import evaluate_scorer, load_eval_sets
     from crome.model import RewardModel
-    from crome.quickstart import markdown_table, results_table
     from crome.score import RewardModelScorer, ScoreOptions
 
     if not model and not reference:
         raise typer.BadParameter("give --model and/or --reference")
-    sets = load_eval_sets(data, data_dir, max_eval)
     scorers = [get_reference_scorer(r) for r in reference or []]
-    scorers += [RewardModelScorer(RewardModel.load(m), ScoreOptions(batch_size, bf16),
-                                  name=m.name) for m in model or []]
+    return scorers + [RewardModelScorer(RewardModel.load(m), ScoreOptions(batch_size, bf16),
+                                        name=m.name) for m in model or []]
+
+
+@app.command("eval")
+def eval_cmd(
+    data: DataOpt,
+    model: ModelOpt = None,
+    reference: ReferenceOpt = None,
+    output_dir: Annotated[Path, typer.Option("--out", "-o")] = Path("runs/eval"),
+    data_dir: DataDirOpt = None,
+    max_eval: Annotated[int | None, typer.Option(help="First N pairs per subset")] = None,
+    perturb: Annotated[list[str] | None, typer.Option(
+        help="Perturbation suite: 'default', 'all', NAME or NAME@TARGET (prompt, both, "
+             "chosen, rejected); repeatable. See `crome perturbations`.")] = None,
+    oracle: Annotated[str | None, typer.Option(
+        "--oracle", help="For the 'paraphrase' perturbation: rules | llamacpp | "
+        "openai:BASE_URL")] = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    bf16: Annotated[bool, typer.Option("--bf16/--no-bf16")] = False,
+) -> None:
+    """Pairwise accuracy per subset (ties wrong), RewardBench sections, length and format
+    bias; with --perturb, accuracy, drop and consistency under each perturbation."""
+    from crome.evaluate.perturb import PerturbOptions, evaluate_perturbations
+    from crome.evaluate.run import evaluate_scorer, load_eval_sets
+    from crome.quickstart import markdown_table, results_table
+
+    scorers = _scorers(model, reference, batch_size, bf16)
+    sets = load_eval_sets(data, data_dir, max_eval)
     results = {s.name: evaluate_scorer(s, sets, output_dir) for s in scorers}
     typer.echo(markdown_table(results_table(results)))
     (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if perturb:
+        orc = _oracle(oracle, "", "OPENAI_API_KEY", 4, None) if oracle else None
+        try:
+            for s in scorers:
+                report = evaluate_perturbations(s, sets, PerturbOptions(tuple(perturb), seed),
+                                                oracle=orc, output_dir=output_dir)
+                typer.echo(report.table())
+        finally:
+            if orc is not None:
+                _oracle_stats(orc)
     typer.echo(f"per-example outputs and results in {output_dir}")
+
+
+@app.command("perturbations")
+def perturbations_cmd() -> None:
+    """List the transformations of the perturbation suite and the default suite."""
+    from crome.evaluate.perturb import DEFAULT_SUITE, TRANSFORMATIONS
+
+    for t in TRANSFORMATIONS.values():
+        typer.echo(f"{t.name:20} {t.kind:8} {'/'.join(t.targets):28} {t.description}")
+    typer.echo("default: " + " ".join(DEFAULT_SUITE))
+
+
+@app.command("bon")
+def bon_cmd(
+    model: ModelOpt = None,
+    reference: ReferenceOpt = None,
+    n: Annotated[list[int] | None, typer.Option("--n", help="N; repeatable (default "
+                                                "4, 8, 16)")] = None,
+    limit: Annotated[int | None, typer.Option(help="First N GSM8K test questions")] = None,
+    output_dir: Annotated[Path, typer.Option("--out", "-o")] = Path("runs/eval"),
+    data_dir: DataDirOpt = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    bf16: Annotated[bool, typer.Option("--bf16/--no-bf16")] = False,
+) -> None:
+    """Best-of-N on GSM8K test: 4 real solutions plus rule-made wrong and bait variants;
+    accuracy of the scorer's pick vs random and best, with the final-number checker."""
+    from crome.evaluate.bon import BoNOptions, run_bon
+
+    opts = BoNOptions(ns=tuple(sorted(n)) if n else BoNOptions().ns, seed=seed, limit=limit)
+    for s in _scorers(model, reference, batch_size, bf16):
+        report = run_bon(s, opts, data_dir=data_dir, output_dir=output_dir)
+        typer.echo(report.summary())
+    typer.echo(f"results in {output_dir}")
+
+
+@app.command("audit")
+def audit_cmd(
+    model: ModelOpt = None,
+    reference: ReferenceOpt = None,
+    causal: Annotated[list[Path] | None, typer.Option(
+        help="Causal pair file (from `crome augment`); repeatable. Default: pairs made by "
+             "rules on held-out data (GSM8K correctness, helpful-base RRM relevance)")] = None,
+    data: Annotated[list[str] | None, typer.Option(
+        "--data", "-d", help="Held-out set for invariance (default llmbar)")] = None,
+    max_eval: Annotated[int | None, typer.Option(help="First N pairs per subset")] = 50,
+    probes: Annotated[int, typer.Option(help="Default causal pairs: first N of each "
+                                        "source")] = 100,
+    output_dir: Annotated[Path, typer.Option("--out", "-o")] = Path("runs/eval"),
+    data_dir: DataDirOpt = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    bf16: Annotated[bool, typer.Option("--bf16/--no-bf16")] = False,
+) -> None:
+    """Sensitivity per quality attribute (causal pairs) and invariance per neutral
+    transformation, in units of the reward's standard deviation."""
+    from crome.data.io import read_pairs
+    from crome.evaluate.audit import AuditOptions, audit, rules_probe_pairs
+    from crome.evaluate.run import load_eval_sets
+
+    scorers = _scorers(model, reference, batch_size, bf16)
+    if causal:
+        pairs = [r for path in causal for r in read_pairs(path)]
+    else:
+        pairs, log = rules_probe_pairs(output_dir / "probes", data_dir, probes, seed)
+        for line in log:
+            typer.echo(line, err=True)
+    sets = load_eval_sets(data or ["llmbar"], data_dir, max_eval)
+    for s in scorers:
+        typer.echo(audit(s, pairs, sets, AuditOptions(seed=seed), output_dir).table())
+    typer.echo(f"results in {output_dir}")
+
+
+@app.command("report")
+def report_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders (result JSON files)")],
+    output_dir: Annotated[Path, typer.Option("--out", "-o")] = Path("runs/report"),
+    title: str = "crome robustness report",
+) -> None:
+    """One self-contained HTML report (plots embedded) and a Markdown summary."""
+    from crome.report import ReportOptions, build_report, collect_runs
+
+    paths = build_report(collect_runs(runs), output_dir, ReportOptions(title=title))
+    typer.echo(f"wrote {paths.html} and {paths.markdown}")
 
 
 OracleOpt = Annotated[str, typer.Option(

@@ -28,6 +28,7 @@ from typing import Any, Literal
 from scipy import stats
 
 from crome.data.schema import PairRecord
+from crome.evaluate.reference import markdown_features
 
 Outcome = Literal["correct", "wrong", "tie", "neutral"]
 
@@ -96,6 +97,8 @@ class PairOutcome:
     outcome: Outcome
     len_chosen: int
     len_rejected: int
+    fmt_chosen: int = 0  # markdown features (crome.evaluate.reference.markdown_features)
+    fmt_rejected: int = 0
 
     @property
     def abs_margin(self) -> float:
@@ -148,6 +151,22 @@ class LengthBias:
     n_same_length: int
     n_answers: int
     spearman: float | None
+
+
+@dataclass(frozen=True)
+class FormatBias:
+    """Does the scorer prefer more formatted answers?
+
+    As :class:`LengthBias`, with "more formatted" meaning more markdown features (headings,
+    bullets, bold … counted by :func:`crome.evaluate.reference.markdown_features`). Most
+    pairs of plain chat data have equal counts (usually none): ``n_same_format``.
+    """
+
+    n_chosen_more_formatted: int
+    accuracy_chosen_more_formatted: float | None
+    n_rejected_more_formatted: int
+    accuracy_rejected_more_formatted: float | None
+    n_same_format: int
 
 
 @dataclass(frozen=True)
@@ -205,8 +224,13 @@ def pair_outcomes(records: Sequence[PairRecord], chosen: Sequence[float],
         out.append(PairOutcome(
             id=rec.id, subset=rec.subset, label=rec.label, reward_chosen=rc,
             reward_rejected=rr, margin=rc - rr, outcome=outcome,
-            len_chosen=len(rec.chosen), len_rejected=len(rec.rejected)))
+            len_chosen=len(rec.chosen), len_rejected=len(rec.rejected),
+            fmt_chosen=_format_count(rec.chosen), fmt_rejected=_format_count(rec.rejected)))
     return out
+
+
+def _format_count(text: str) -> int:
+    return sum(markdown_features(text).values())
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -326,6 +350,20 @@ def length_bias(outcomes: Sequence[PairOutcome]) -> LengthBias:
     )
 
 
+def format_bias(outcomes: Sequence[PairOutcome]) -> FormatBias:
+    """Accuracy split by which answer of a preference pair carries more markdown."""
+    prefs = [o for o in outcomes if o.is_preference]
+    chosen_more = [o for o in prefs if o.fmt_chosen > o.fmt_rejected]
+    rejected_more = [o for o in prefs if o.fmt_rejected > o.fmt_chosen]
+    return FormatBias(
+        n_chosen_more_formatted=len(chosen_more),
+        accuracy_chosen_more_formatted=_tally(chosen_more).accuracy,
+        n_rejected_more_formatted=len(rejected_more),
+        accuracy_rejected_more_formatted=_tally(rejected_more).accuracy,
+        n_same_format=len(prefs) - len(chosen_more) - len(rejected_more),
+    )
+
+
 def length_controlled_accuracy(
         outcomes: Iterable[PairOutcome],
         edges: Sequence[float] = DEFAULT_LENGTH_RATIO_EDGES) -> LengthControlled:
@@ -388,6 +426,7 @@ def summarize(outcomes: Sequence[PairOutcome]) -> dict[str, Any]:
         "subsets": {name: dataclasses.asdict(s) for name, s in per_subset.items()},
         "rewardbench": rewardbench,
         "length_bias": dataclasses.asdict(length_bias(outcomes)),
+        "format_bias": dataclasses.asdict(format_bias(outcomes)),
         "length_controlled": {"accuracy": lc.accuracy,
                               "bins": [dataclasses.asdict(b) for b in lc.bins]},
     }

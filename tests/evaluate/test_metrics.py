@@ -8,6 +8,7 @@ from crome.evaluate.metrics import (
     MATH_PRM_WEIGHT,
     REWARDBENCH_SECTIONS,
     SubsetScore,
+    format_bias,
     length_bias,
     length_controlled_accuracy,
     overall_accuracy,
@@ -190,6 +191,26 @@ def test_spearman_sign_follows_the_bias():
     rejected[2] = 0.0  # the 50-character rejected answer now scores lowest
     rho = length_bias(pair_outcomes(records, chosen, rejected)).spearman
     assert 0 < rho < 1
+
+
+def test_format_bias_split_for_a_markdown_scorer():
+    from crome.evaluate.reference import MarkdownWins
+
+    records = [rec("plain-wins", chosen="Plain words.", rejected="## Title\n- **bold** point"),
+               rec("fmt-wins", chosen="- one\n- two", rejected="just text"),
+               rec("same", chosen="a", rejected="b"),
+               rec("neutral", chosen="- x", rejected="y", label="tie")]
+    scorer = MarkdownWins()
+    outcomes = pair_outcomes(records, scorer.score(["q"] * 4, [r.chosen for r in records]),
+                             scorer.score(["q"] * 4, [r.rejected for r in records]))
+    assert [(o.fmt_chosen, o.fmt_rejected) for o in outcomes] == [(0, 3), (2, 0), (0, 0),
+                                                                   (1, 0)]
+    fb = format_bias(outcomes)
+    assert (fb.n_chosen_more_formatted, fb.n_rejected_more_formatted, fb.n_same_format) == \
+        (1, 1, 1)  # the tie-labelled record is no preference
+    assert fb.accuracy_chosen_more_formatted == 1.0
+    assert fb.accuracy_rejected_more_formatted == 0.0
+    assert summarize(outcomes)["format_bias"]["n_same_format"] == 1
 
 
 def test_spearman_undefined_cases():
