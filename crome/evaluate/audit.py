@@ -127,7 +127,7 @@ def audit(scorer: Scorer, causal: Sequence[PairRecord], neutral_sets: Sequence[A
           output_dir: str | os.PathLike[str] | None = None) -> AuditReport:
     """Sensitivity on ``causal`` pairs, invariance on ``neutral_sets``
     (:class:`crome.evaluate.run.EvalSet`, held-out); writes ``audit-<scorer>.json``."""
-    from crome.evaluate.run import _slug
+    from crome.evaluate.run import slug
 
     opts = options or AuditOptions()
     memo = MemoScorer(scorer)
@@ -163,7 +163,7 @@ def audit(scorer: Scorer, causal: Sequence[PairRecord], neutral_sets: Sequence[A
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"audit-{_slug(scorer.name)}.json").write_text(
+        (out / f"audit-{slug(scorer.name)}.json").write_text(
             json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
     return report
 

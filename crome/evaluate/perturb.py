@@ -239,6 +239,8 @@ def add_filler(text: str, rng: random.Random) -> str | None:
     if head.lstrip().startswith(("```", "~~~")) or _FINAL_LINE.match(head) \
             or _BLOCK_LINE.match(head):
         hedge = ""
+    elif not head.rstrip().endswith((".", "!", "?", ":")):
+        head = head.rstrip() + "."
     return f"{opener}{head}{hedge}{sep}{tail}\n\n{closer}"
 
 
@@ -258,7 +260,7 @@ def restate(text: str, rng: random.Random) -> str | None:
                               if len(s.split()) >= 3]
     if not sentences:
         return None
-    again = " ".join(sentences[:3])
+    again = " ".join(s if s.endswith((".", "!", "?")) else s + "." for s in sentences[:3])
     return f"{text.rstrip()}\n\n{rng.choice(_CONNECTIVES)} {again}"
 
 
@@ -668,6 +670,9 @@ class PerturbationResult:
     mean_abs_delta: float | None  # mean |reward change| of the rewritten answers
     mean_abs_delta_std: float | None  # the same in units of the clean rewards' std
     by_set: dict[str, dict[str, Any]]
+    # oracle ones: texts whose paraphrase the guards rejected, by reason (a pair with such
+    # a text is counted once in ``not_applicable``)
+    oracle_rejections: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -722,7 +727,7 @@ def evaluate_perturbations(scorer: Scorer, sets: Sequence[Any],
     """Score the clean pairs of ``sets`` (:class:`crome.evaluate.run.EvalSet`) and every
     perturbation of them; write ``perturb-<scorer>.json`` (and per-pair rows) when
     ``output_dir`` is given."""
-    from crome.evaluate.run import _slug
+    from crome.evaluate.run import slug
 
     opts = options or PerturbOptions()
     perturbations = parse_perturbations(opts.perturbations, with_oracle=oracle is not None)
@@ -757,8 +762,6 @@ def evaluate_perturbations(scorer: Scorer, sets: Sequence[Any],
         t0 = time.perf_counter()
         ps = perturb_records(records, p, opts.seed, paraphrases)
         transform_seconds += time.perf_counter() - t0
-        if p.transformation.fn is None:
-            ps.not_applicable.update({f"oracle: {k}": v for k, v in para_reasons.items()})
         pc, pr = _side_rewards(memo, ps.records)
         deltas: list[float] = []
         flips = correct = clean_correct = 0
@@ -793,7 +796,8 @@ def evaluate_perturbations(scorer: Scorer, sets: Sequence[Any],
             consistency=1 - flips / n if n else None, mean_abs_delta=mad,
             mean_abs_delta_std=mad / std if mad is not None and std else None,
             by_set={s: {"n": c[0], "accuracy": c[1] / c[0], "clean_accuracy": c[2] / c[0]}
-                    for s, c in per_set.items()}))
+                    for s, c in per_set.items()},
+            oracle_rejections=dict(para_reasons) if p.transformation.fn is None else {}))
     total = time.perf_counter() - start
     report = PerturbReport(
         scorer=scorer.name, seed=opts.seed, sets=[es.name for es in sets],
@@ -806,10 +810,10 @@ def evaluate_perturbations(scorer: Scorer, sets: Sequence[Any],
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        slug = _slug(scorer.name)
-        (out / f"perturb-{slug}.json").write_text(
+        tag = slug(scorer.name)
+        (out / f"perturb-{tag}.json").write_text(
             json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
-        with open(out / f"perturb-examples-{slug}.jsonl", "w", encoding="utf-8") as fh:
+        with open(out / f"perturb-examples-{tag}.jsonl", "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(row) + "\n" for row in rows)
     return report
 

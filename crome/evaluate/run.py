@@ -89,12 +89,12 @@ def evaluate_scorer(scorer: Scorer, sets: Sequence[EvalSet],
         summary["skipped_at_load"] = es.skipped
         results["sets"][es.name] = summary
         if out is not None:
-            path = out / f"examples-{_slug(scorer.name)}-{_slug(es.name)}.jsonl"
+            path = out / f"examples-{slug(scorer.name)}-{slug(es.name)}.jsonl"
             with open(path, "w", encoding="utf-8") as fh:
                 fh.writelines(json.dumps(o.to_dict()) + "\n" for o in outcomes)
     results["headline"] = headline(outcomes_by_set)
     if out is not None:
-        (out / f"results-{_slug(scorer.name)}.json").write_text(
+        (out / f"results-{slug(scorer.name)}.json").write_text(
             json.dumps(results, indent=2, allow_nan=False) + "\n")
     return results
 
@@ -114,5 +114,5 @@ def headline(outcomes_by_set: Mapping[str, Sequence[PairOutcome]]) -> dict[str, 
     return rows
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)

@@ -58,7 +58,8 @@ def change_final_number(answer: str, seed: int = 0) -> str | None:
     if "," in old:
         whole, _, frac = new.partition(".")
         new = f"{int(whole):,}" + (f".{frac}" if frac else "")
-    pattern = re.compile(r"(?<![\w.])" + re.escape(old) + r"(?![\w])")
+    # not the integer part of a decimal ("1" in "1.6") nor part of a longer number
+    pattern = re.compile(r"(?<![\w.])" + re.escape(old) + r"(?![\w]|\.\d)")
     for i in tail:
         lines[i] = pattern.sub(new, lines[i])
     return "\n".join(lines)
