@@ -145,6 +145,8 @@ ModelOpt = Annotated[list[Path] | None, typer.Option(
     "--model", "-m", help="A crome model dir or any HF sequence-classification RM; repeatable")]
 ReferenceOpt = Annotated[list[str] | None, typer.Option(
     help="Reference scorer: longer-wins, markdown-wins; repeatable")]
+EvalOutOpt = Annotated[Path, typer.Option("--out", "-o", help="Folder for the result files")]
+Bf16Opt = Annotated[bool, typer.Option("--bf16/--no-bf16")]
 
 
 def _scorers(model: list[Path] | None, reference: list[str] | None, batch_size: int,
@@ -165,7 +167,7 @@ def eval_cmd(
     data: DataOpt,
     model: ModelOpt = None,
     reference: ReferenceOpt = None,
-    output_dir: Annotated[Path, typer.Option("--out", "-o")] = Path("runs/eval"),
+    output_dir: EvalOutOpt = Path("runs/eval"),
     data_dir: DataDirOpt = None,
     max_eval: Annotated[int | None, typer.Option(help="First N pairs per subset")] = None,
     perturb: Annotated[list[str] | None, typer.Option(
@@ -176,7 +178,7 @@ def eval_cmd(
         "openai:BASE_URL")] = None,
     seed: int = 0,
     batch_size: int = 64,
-    bf16: Annotated[bool, typer.Option("--bf16/--no-bf16")] = False,
+    bf16: Bf16Opt = False,
 ) -> None:
     """Pairwise accuracy per subset (ties wrong), RewardBench sections, length and format
     bias; with --perturb, accuracy, drop and consistency under each perturbation."""
@@ -219,11 +221,11 @@ def bon_cmd(
     n: Annotated[list[int] | None, typer.Option("--n", help="N; repeatable (default "
                                                 "4, 8, 16)")] = None,
     limit: Annotated[int | None, typer.Option(help="First N GSM8K test questions")] = None,
-    output_dir: Annotated[Path, typer.Option("--out", "-o")] = Path("runs/eval"),
+    output_dir: EvalOutOpt = Path("runs/eval"),
     data_dir: DataDirOpt = None,
     seed: int = 0,
     batch_size: int = 64,
-    bf16: Annotated[bool, typer.Option("--bf16/--no-bf16")] = False,
+    bf16: Bf16Opt = False,
 ) -> None:
     """Best-of-N on GSM8K test: 4 real solutions plus rule-made wrong and bait variants;
     accuracy of the scorer's pick vs random and best, with the final-number checker."""
@@ -248,11 +250,11 @@ def audit_cmd(
     max_eval: Annotated[int | None, typer.Option(help="First N pairs per subset")] = 50,
     probes: Annotated[int, typer.Option(help="Default causal pairs: first N of each "
                                         "source")] = 100,
-    output_dir: Annotated[Path, typer.Option("--out", "-o")] = Path("runs/eval"),
+    output_dir: EvalOutOpt = Path("runs/eval"),
     data_dir: DataDirOpt = None,
     seed: int = 0,
     batch_size: int = 64,
-    bf16: Annotated[bool, typer.Option("--bf16/--no-bf16")] = False,
+    bf16: Bf16Opt = False,
 ) -> None:
     """Sensitivity per quality attribute (causal pairs) and invariance per neutral
     transformation, in units of the reward's standard deviation."""
@@ -461,9 +463,15 @@ def quickstart_cmd(
     attributes: Annotated[int, typer.Option(help="Rubric attributes per pair")] = 1,
     neutral_pairs: Annotated[int, typer.Option(help="Original pairs made neutral")] = 300,
     tau: Annotated[float, typer.Option(help="Filter: keep pairs with P(label) < tau")] = 0.95,
+    perturb_eval: Annotated[int, typer.Option(
+        help="Perturbation suite: pairs per subset of LLMBar and helpful-base")] = 15,
+    bon_questions: Annotated[int, typer.Option(help="Best-of-N: GSM8K test questions")] = 100,
+    audit_probes: Annotated[int, typer.Option(
+        help="Audit: first N GSM8K test and helpful-base pairs made into probes")] = 50,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
-    """Vanilla RM vs Crome RM (rubrics → augment → filter → train) on held-out sets."""
+    """Vanilla RM vs Crome RM (rubrics → augment → filter → train) on held-out sets, their
+    robustness (perturbations, best-of-N, audit) and an HTML report."""
     from crome.quickstart import QuickstartOptions, quickstart
 
     quickstart(QuickstartOptions(
@@ -471,6 +479,7 @@ def quickstart_cmd(
         max_eval=max_eval or None, max_length=max_length, epochs=epochs, lr=lr, seed=seed,
         oracle=oracle, oracle_model=oracle_model, cache=cache, augment_pairs=augment_pairs,
         attributes_per_pair=attributes, neutral_pairs=neutral_pairs, tau=tau,
+        perturb_eval=perturb_eval, bon_questions=bon_questions, audit_probes=audit_probes,
         progress=progress), echo=typer.echo)
 
 

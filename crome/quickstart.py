@@ -12,6 +12,10 @@
 6. **Crome RM**: the same backbone, options and original pairs as the vanilla RM, plus the
    kept augmented pairs (BT on preferences, the tie loss on neutrals).
 7. Both RMs and the reference scorers on the held-out sets, in one table.
+8. **Robustness** of each: the perturbation suite on LLMBar and helpful-base (held out),
+   best-of-N on GSM8K test, and the causal audit on rules-made held-out probes (GSM8K
+   correctness, helpful-base RRM relevance).
+9. **Report**: ``report/report.html`` (plots) and ``report/report.md``.
 
 The defaults fit ~20 minutes on a 2-core CPU: the local oracle rewrites at a few seconds
 per answer there, so only ``augment_pairs`` pairs are augmented (short ones: both answers
@@ -35,17 +39,22 @@ from crome.augment import AugmentOptions, augment
 from crome.data.io import read_pairs, write_pairs
 from crome.data.schema import PairRecord
 from crome.data.sources import load_source, resolve_data_dir
-from crome.evaluate.reference import REFERENCE_SCORERS
+from crome.evaluate.audit import AuditOptions, audit, rules_probe_pairs
+from crome.evaluate.bon import BoNOptions, BoNReport, run_bon
+from crome.evaluate.perturb import PerturbOptions, PerturbReport, evaluate_perturbations
+from crome.evaluate.reference import REFERENCE_SCORERS, Scorer
 from crome.evaluate.run import HELD_OUT, evaluate_scorer, load_eval_sets
 from crome.filter import FilterOptions, filter_pairs
 from crome.model import ModelOptions, RewardModel
 from crome.oracle import OracleOptions, make_oracle
 from crome.progress import progress_callback
+from crome.report import build_report, collect_runs
 from crome.rubrics import RubricOptions, make_rubrics, read_rubrics
 from crome.score import RewardModelScorer, ScoreOptions
 from crome.train import TrainOptions, train
 
 TRAIN_SOURCES = ("hh-rlhf/helpful-online", "hh-rlhf/helpful-rejection-sampled")
+PERTURB_SETS = ("llmbar", "hh-rlhf/helpful-base")  # held out
 
 
 @dataclass
@@ -69,6 +78,10 @@ class QuickstartOptions:
     candidates: int = 2
     neutral_pairs: int = 300  # original pairs re-attached to unrelated prompts
     tau: float = 0.95
+    # robustness (held-out data only)
+    perturb_eval: int = 15  # pairs per subset of PERTURB_SETS for the perturbation suite
+    bon_questions: int = 100  # GSM8K test questions for best-of-N
+    audit_probes: int = 50  # first N pairs of GSM8K test and of helpful-base for the audit
     progress: bool = True
 
 
@@ -126,7 +139,7 @@ def quickstart(options: QuickstartOptions | None = None,
     out = Path(opts.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     data_dir = resolve_data_dir(opts.data_dir)
-    stages = _Stages(8, echo)
+    stages = _Stages(10, echo)
     log: list[str] = []
     stages.start("load data")
     originals = training_pairs(data_dir, opts.max_train, opts.seed, log)
@@ -205,8 +218,16 @@ def quickstart(options: QuickstartOptions | None = None,
     for scorer in scorers:
         echo(f"evaluating {scorer.name} ...")
         results[scorer.name] = evaluate_scorer(scorer, sets, out / "eval")
-    elapsed = stages.finish()
     table = results_table(results)
+
+    stages.start("robustness: perturbation suite, best-of-N on GSM8K, causal audit")
+    robust = robustness(scorers, data_dir, out / "eval", opts, echo)
+    robustness_rows(table, robust["perturb"], robust["bon"])
+
+    stages.start("report")
+    paths = build_report(collect_runs([out]), out / "report")
+    echo(f"report: {paths.html} (and {paths.markdown.name})")
+    elapsed = stages.finish()
     report = {
         "options": asdict(opts),
         "data_dir": str(data_dir),
@@ -217,6 +238,8 @@ def quickstart(options: QuickstartOptions | None = None,
                     "filter": filter_report.to_dict()},
         "train_sources": list(TRAIN_SOURCES),
         "held_out": list(HELD_OUT),
+        "robustness": {"perturb_sets": list(PERTURB_SETS), "bon_source": "gsm8k/test",
+                       "audit_probes": robust["probe_log"]},
         "seconds": {**stages.times, "total": round(elapsed, 1)},
         "table": table,
         "log": log,
@@ -232,6 +255,51 @@ def quickstart(options: QuickstartOptions | None = None,
          f"takes seconds per rewrite), or --oracle openai:http://HOST:PORT/v1 for a server "
          f"(vLLM, llama.cpp, a hosted API); cached calls are not repeated.")
     return report
+
+
+def robustness(scorers: list[Scorer], data_dir: Path, eval_dir: Path, opts: QuickstartOptions,
+               echo: Any = print) -> dict[str, Any]:
+    """The perturbation suite, best-of-N and the causal audit for every scorer, on held-out
+    data; result files go to ``eval_dir`` (where the report finds them)."""
+    sets = load_eval_sets(PERTURB_SETS, data_dir=data_dir, limit=opts.perturb_eval)
+    probes, probe_log = rules_probe_pairs(eval_dir.parent / "audit-probes", data_dir,
+                                          opts.audit_probes, opts.seed)
+    for line in probe_log:
+        echo(line)
+    perturbs: dict[str, PerturbReport] = {}
+    bons: dict[str, BoNReport] = {}
+    for scorer in scorers:
+        echo(f"robustness of {scorer.name} ...")
+        perturbs[scorer.name] = evaluate_perturbations(
+            scorer, sets, PerturbOptions(seed=opts.seed), output_dir=eval_dir)
+        bons[scorer.name] = run_bon(scorer, BoNOptions(seed=opts.seed, limit=opts.bon_questions),
+                                    data_dir=data_dir, output_dir=eval_dir)
+        audit(scorer, probes, options=AuditOptions(seed=opts.seed), output_dir=eval_dir,
+              perturbed=perturbs[scorer.name])
+    return {"perturb": perturbs, "bon": bons, "probe_log": probe_log}
+
+
+def robustness_rows(table: dict[str, dict[str, Any]], perturbs: dict[str, PerturbReport],
+                    bons: dict[str, BoNReport]) -> None:
+    """Summary rows of the robustness stage, added to ``table`` (per-transformation figures
+    are in the report)."""
+    def mean(values: list[float]) -> float | None:
+        return sum(values) / len(values) if values else None
+
+    for name, rep in perturbs.items():
+        neutral = [t for t in rep.transformations if not t.bait and t.drop is not None]
+        bait = [t for t in rep.transformations if t.bait and t.drop is not None]
+        table.setdefault(f"perturbations, both sides: mean drop (pts, n={rep.clean['n']})",
+                         {})[name] = mean([t.drop for t in neutral])  # type: ignore[misc]
+        table.setdefault("perturbations, both sides: mean consistency", {})[name] = \
+            mean([t.consistency for t in neutral])  # type: ignore[misc]
+        table.setdefault("perturbations, bait on rejected: mean drop (pts)", {})[name] = \
+            mean([t.drop for t in bait])  # type: ignore[misc]
+    for name, rep in bons.items():
+        for r in rep.results:
+            row = f"GSM8K best-of-{r.n} (n={r.questions}, random {100 * (r.random or 0):.1f}, " \
+                  f"best {100 * (r.best or 0):.1f})"
+            table.setdefault(row, {})[name] = r.rm
 
 
 def results_table(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -1,6 +1,7 @@
 """The report stage on real ``crome eval`` results (two reference scorers on LLMBar), with
-small hand-written perturbation / best-of-N / audit files, checked as files and as rendered
-by headless Chromium."""
+small hand-written perturbation / best-of-N / audit files whose numbers the tables must
+show exactly, checked as files and as rendered by headless Chromium; and once on files that
+the real perturbation, best-of-N and audit stages wrote."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ import pytest
 from matplotlib import image as mpimg
 
 from crome.data.sources import resolve_data_dir
+from crome.evaluate.audit import audit, rules_probe_pairs
+from crome.evaluate.bon import BoNOptions, run_bon
+from crome.evaluate.perturb import PerturbOptions, evaluate_perturbations
 from crome.evaluate.reference import get_reference_scorer
 from crome.evaluate.run import evaluate_scorer, load_eval_sets
 from crome.report import ReportOptions, build_report, collect_runs
@@ -30,7 +34,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ALL_PLOTS = 5
 
 
-# --- stand-ins for the perturb / bon / audit modules (swap for real runs later) -----------
+# --- hand-written perturb / bon / audit files (exact numbers to find in the tables) --------
 
 def suite_files(run_dir: Path, scorer: str, offset: float = 0.0) -> dict[str, dict]:
     """Write ``perturb-``, ``bon-`` and ``audit-<scorer>.json`` as the schemas describe;
@@ -275,3 +279,28 @@ def test_chromium_renders_every_plot(report, tmp_path):
     assert np.asarray(pixels)[..., :3].std() > 0.05, "the screenshot is blank"
     if os.environ.get("CROME_KEEP_SCREENSHOT"):
         shutil.copyfile(shot, "/tmp/crome_report_screenshot.png")
+
+
+def test_report_from_the_real_suite_stages(tmp_path):
+    """perturb / bon / audit files as the stages write them feed the report."""
+    data_dir = resolve_data_dir(require=("llmbar", "hh-rlhf", "gsm8k"))
+    sets = load_eval_sets(["llmbar"], data_dir, limit=5)
+    probes, _ = rules_probe_pairs(tmp_path / "probes", data_dir, limit=6)
+    out = tmp_path / "run" / "eval"
+    figures = {}
+    for name in SCORERS:
+        scorer = get_reference_scorer(name)
+        evaluate_scorer(scorer, sets, out)
+        perturbed = evaluate_perturbations(scorer, sets, PerturbOptions(), output_dir=out)
+        bon = run_bon(scorer, BoNOptions(limit=8), data_dir=data_dir, output_dir=out)
+        audit(scorer, probes, output_dir=out, perturbed=perturbed)
+        figures[name] = (perturbed, bon)
+    paths = build_report(collect_runs([tmp_path / "run"]), tmp_path / "report")
+    html_text = paths.html.read_text()
+    assert len(_plots(html_text)) == ALL_PLOTS
+    md = paths.markdown.read_text()
+    for name, (perturbed, bon) in figures.items():
+        filler = next(t for t in perturbed.transformations if t.id == "filler@rejected")
+        assert f"{100 * filler.accuracy:.1f}" in _md_row(md, "filler@rejected")[1:]
+        n16 = next(r for r in bon.results if r.n == 16)
+        assert f"{100 * n16.rm:.1f}" in md

@@ -27,8 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from crome.data.schema import PairRecord
-from crome.evaluate.perturb import DEFAULT_SUITE, MemoScorer, PerturbOptions, \
-    evaluate_perturbations
+from crome.evaluate.perturb import (
+    DEFAULT_SUITE,
+    MemoScorer,
+    PerturbOptions,
+    PerturbReport,
+    evaluate_perturbations,
+)
 from crome.evaluate.reference import Scorer
 
 # Invariance uses the neutral perturbations of the default suite: those that leave both
@@ -103,8 +108,9 @@ class AuditReport:
         lines += ["| neutral transformation | | n | | mean abs Δ (std) |",
                   "|---|---|---:|---|---:|"]
         for v in self.invariance:
+            size = v["mean_abs_delta_std"]
             lines.append(f"| {v['transformation']} | | {v['n']} | | "
-                         f"{_fmt(v['mean_abs_delta_std'])} |")
+                         f"{'–' if size is None else f'{size:.2f}'} |")
         return "\n".join(lines)
 
 
@@ -124,24 +130,31 @@ def _group(probes: Sequence[CausalProbe], keep: int) -> dict[tuple[str, str], li
 
 def audit(scorer: Scorer, causal: Sequence[PairRecord], neutral_sets: Sequence[Any] = (),
           options: AuditOptions | None = None,
-          output_dir: str | os.PathLike[str] | None = None) -> AuditReport:
+          output_dir: str | os.PathLike[str] | None = None,
+          perturbed: PerturbReport | None = None) -> AuditReport:
     """Sensitivity on ``causal`` pairs, invariance on ``neutral_sets``
-    (:class:`crome.evaluate.run.EvalSet`, held-out); writes ``audit-<scorer>.json``."""
+    (:class:`crome.evaluate.run.EvalSet`, held-out); writes ``audit-<scorer>.json``.
+
+    ``perturbed``: the scorer's perturbation-suite report on held-out sets, when one was
+    already computed; its neutral (not one-sided) perturbations then give the invariance,
+    and ``neutral_sets`` is not needed.
+    """
     from crome.evaluate.run import slug
 
     opts = options or AuditOptions()
     memo = MemoScorer(scorer)
     probes, skipped = causal_probes(causal)
+    if perturbed is None and neutral_sets:
+        perturbed = evaluate_perturbations(memo, neutral_sets,
+                                           PerturbOptions(opts.perturbations, opts.seed))
     invariance: list[dict[str, Any]] = []
     std, std_from = None, "no answers"
-    if neutral_sets:
-        rep = evaluate_perturbations(memo, neutral_sets, PerturbOptions(opts.perturbations,
-                                                                         opts.seed))
-        std, std_from = rep.reward_std, f"clean answers of {', '.join(rep.sets)}"
+    if perturbed is not None:
+        std, std_from = perturbed.reward_std, f"clean answers of {', '.join(perturbed.sets)}"
         invariance = [{"transformation": t.id, "n": t.n, "not_applicable": t.not_applicable,
                        "mean_abs_delta": t.mean_abs_delta,
                        "mean_abs_delta_std": t.mean_abs_delta_std}
-                      for t in rep.transformations]
+                      for t in perturbed.transformations if not t.bait]
     prompts = [p.prompt for p in probes]
     originals = memo.score(prompts, [p.original for p in probes])
     rewrites = memo.score(prompts, [p.rewrite for p in probes])
@@ -159,7 +172,7 @@ def audit(scorer: Scorer, causal: Sequence[PairRecord], neutral_sets: Sequence[A
             "mean_delta": mean, "mean_delta_std": mean / std if std else None})
     report = AuditReport(scorer=scorer.name, reward_std=std, std_from=std_from,
                          sensitivity=sensitivity, invariance=invariance, skipped=dict(skipped),
-                         sets=[es.name for es in neutral_sets])
+                         sets=perturbed.sets if perturbed is not None else [])
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
