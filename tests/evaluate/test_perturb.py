@@ -42,12 +42,16 @@ def solution(data_dir) -> str:
     return load_gsm8k("test", data_dir, limit=1)[0].solutions[0][1]
 
 
+def humaneval_code(data_dir, task_id: str) -> str:
+    """A HumanEval task's prompt and canonical solution: bare Python with a docstring."""
+    with gzip.open(data_dir / "humaneval" / "HumanEval.jsonl.gz", "rt") as fh:
+        task = next(t for t in map(json.loads, fh) if t["task_id"] == task_id)
+    return task["prompt"] + task["canonical_solution"]
+
+
 @pytest.fixture(scope="module")
 def humaneval(data_dir) -> str:
-    """HumanEval/0's prompt and canonical solution: bare Python with a docstring."""
-    with gzip.open(data_dir / "humaneval" / "HumanEval.jsonl.gz", "rt") as fh:
-        task = json.loads(fh.readline())
-    return task["prompt"] + task["canonical_solution"]
+    return humaneval_code(data_dir, "HumanEval/0")
 
 
 def first_answer(records: list[PairRecord], pattern: str) -> str:
@@ -129,7 +133,13 @@ def test_math_format_swaps_between_the_three_forms(solution):
     assert apply_text("math_format", "No final answer here.") is None
 
 
-def test_code_comments_on_humaneval(humaneval):
+def test_code_comments_on_humaneval(humaneval, data_dir):
+    commented = humaneval_code(data_dir, "HumanEval/99")  # "# remove trailing zeros"
+    stripped = apply_text("code_comments_strip", commented)
+    assert "# remove trailing zeros" in commented and "#" not in stripped
+    assert stripped.splitlines() == [ln.split("  #")[0] for ln in commented.splitlines()
+                                     if not ln.strip().startswith("#")]
+    compile(stripped, "<stripped>", "exec")
     stripped = apply_text("code_comments_strip", "```python\n" + "x = 1  # one\n# alone\n"
                           "y = '#not a comment'\n```")
     assert stripped == "```python\nx = 1\ny = '#not a comment'\n```"
