@@ -464,7 +464,7 @@ def quickstart_cmd(
     neutral_pairs: Annotated[int, typer.Option(help="Original pairs made neutral")] = 300,
     tau: Annotated[float, typer.Option(help="Filter: keep pairs with P(label) < tau")] = 0.95,
     perturb_eval: Annotated[int, typer.Option(
-        help="Perturbation suite: pairs per subset of LLMBar and helpful-base")] = 15,
+        help="Perturbation suite: pairs per subset of LLMBar, helpful-base, GSM8K test")] = 15,
     bon_questions: Annotated[int, typer.Option(help="Best-of-N: GSM8K test questions")] = 100,
     audit_probes: Annotated[int, typer.Option(
         help="Audit: first N GSM8K test and helpful-base pairs made into probes")] = 50,

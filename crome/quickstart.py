@@ -12,12 +12,13 @@
 6. **Crome RM**: the same backbone, options and original pairs as the vanilla RM, plus the
    kept augmented pairs (BT on preferences, the tie loss on neutrals).
 7. Both RMs and the reference scorers on the held-out sets, in one table.
-8. **Robustness** of each: the perturbation suite on LLMBar and helpful-base (held out),
+8. **Robustness** of each: the perturbation suite on LLMBar, helpful-base and GSM8K test
+   pairs (held out),
    best-of-N on GSM8K test, and the causal audit on rules-made held-out probes (GSM8K
    correctness, helpful-base RRM relevance).
 9. **Report**: ``report/report.html`` (plots) and ``report/report.md``.
 
-The defaults fit ~20 minutes on a 2-core CPU: the local oracle rewrites at a few seconds
+The defaults fit ~30 minutes on a 2-core CPU: the local oracle rewrites at a few seconds
 per answer there, so only ``augment_pairs`` pairs are augmented (short ones: both answers
 under ``augment_max_chars``). For more, raise ``--augment-pairs`` and point ``--oracle`` at
 a server (``openai:http://HOST:PORT/v1``); every stage's output is cached and resumable,
@@ -54,7 +55,7 @@ from crome.score import RewardModelScorer, ScoreOptions
 from crome.train import TrainOptions, train
 
 TRAIN_SOURCES = ("hh-rlhf/helpful-online", "hh-rlhf/helpful-rejection-sampled")
-PERTURB_SETS = ("llmbar", "hh-rlhf/helpful-base")  # held out
+PERTURB_SETS = ("llmbar", "hh-rlhf/helpful-base", "gsm8k")  # held out (gsm8k: test pairs)
 
 
 @dataclass
