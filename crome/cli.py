@@ -182,10 +182,16 @@ def eval_cmd(
 ) -> None:
     """Pairwise accuracy per subset (ties wrong), RewardBench sections, length and format
     bias; with --perturb, accuracy, drop and consistency under each perturbation."""
-    from crome.evaluate.perturb import PerturbOptions, evaluate_perturbations
+    from crome.evaluate.perturb import PerturbOptions, evaluate_perturbations, \
+        parse_perturbations
     from crome.evaluate.run import evaluate_scorer, load_eval_sets
     from crome.quickstart import markdown_table, results_table
 
+    # bad specs fail before anything is scored
+    needs = [p.id for p in parse_perturbations(perturb or [], with_oracle=bool(oracle))
+             if p.transformation.fn is None]
+    if needs and not oracle:
+        raise typer.BadParameter(f"{', '.join(needs)} need an oracle", param_hint="--oracle")
     scorers = _scorers(model, reference, batch_size, bf16)
     sets = load_eval_sets(data, data_dir, max_eval)
     results = {s.name: evaluate_scorer(s, sets, output_dir) for s in scorers}
