@@ -182,8 +182,7 @@ def eval_cmd(
 ) -> None:
     """Pairwise accuracy per subset (ties wrong), RewardBench sections, length and format
     bias; with --perturb, accuracy, drop and consistency under each perturbation."""
-    from crome.evaluate.perturb import PerturbOptions, evaluate_perturbations, \
-        parse_perturbations
+    from crome.evaluate.perturb import PerturbOptions, evaluate_perturbations, parse_perturbations
     from crome.evaluate.run import evaluate_scorer, load_eval_sets
     from crome.quickstart import markdown_table, results_table
 

@@ -694,8 +694,8 @@ class PerturbReport:
 
     def table(self) -> str:
         """A markdown table: accuracy, drop (points) and consistency per perturbation."""
-        lines = [f"{self.scorer}: clean accuracy {_pct(self.clean['accuracy'])} on "
-                 f"{self.clean['n']} pairs ({', '.join(self.sets)})",
+        lines = [(f"{self.scorer}: clean accuracy {_pct(self.clean['accuracy'])} on "
+                  f"{self.clean['n']} pairs ({', '.join(self.sets)})"),
                  "| perturbation | n | n/a | accuracy | drop (pts) | consistency |",
                  "|---|---:|---:|---:|---:|---:|"]
         for t in self.transformations:

@@ -188,8 +188,8 @@ def test_both_answers_get_the_same_draws_and_not_applicable_is_counted(helpful):
     [math] = parse_perturbations(["math_format@both"])
     ps = perturb_records(helpful, math)
     assert ps.records == [] and sum(ps.not_applicable.values()) == len(helpful)
-    assert list(ps.not_applicable) == ["needs a final-answer marker (####, The answer is, "
-                                       "\\boxed, A:)"]
+    assert list(ps.not_applicable) == [("needs a final-answer marker (####, The answer is, "
+                                        "\\boxed, A:)")]
 
 
 # --- evaluation -------------------------------------------------------------------------
