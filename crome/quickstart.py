@@ -13,9 +13,8 @@
    kept augmented pairs (BT on preferences, the tie loss on neutrals).
 7. Both RMs and the reference scorers on the held-out sets, in one table.
 8. **Robustness** of each: the perturbation suite on LLMBar, helpful-base and GSM8K test
-   pairs (held out),
-   best-of-N on GSM8K test, and the causal audit on rules-made held-out probes (GSM8K
-   correctness, helpful-base RRM relevance).
+   pairs (held out), best-of-N on GSM8K test, and the causal audit on rules-made held-out
+   probes (GSM8K correctness, helpful-base RRM relevance).
 9. **Report**: ``report/report.html`` (plots) and ``report/report.md``.
 
 The defaults fit ~30 minutes on a 2-core CPU: the local oracle rewrites at a few seconds

@@ -749,13 +749,12 @@ def evaluate_perturbations(scorer: Scorer, sets: Sequence[Any],
     std = statistics.pstdev(rewards) if len(rewards) > 1 else None
     paraphrases: dict[str, str] | None = None
     para_reasons: Counter[str] = Counter()
-    transform_seconds = 0.0
+    oracle_seconds = transform_seconds = 0.0
     if any(p.transformation.fn is None for p in perturbations):
         t0 = time.perf_counter()
         texts = [getattr(r, side) for r in records for side in ("chosen", "rejected")]
         paraphrases, para_reasons = paraphrase_texts(texts, oracle, opts.seed)
-        transform_seconds += time.perf_counter() - t0  # oracle time: reported apart below
-    oracle_seconds, transform_seconds = transform_seconds, 0.0
+        oracle_seconds = time.perf_counter() - t0
     results: list[PerturbationResult] = []
     rows: list[dict[str, Any]] = []
     for p in perturbations:
