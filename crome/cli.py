@@ -191,21 +191,21 @@ def eval_cmd(
              if p.transformation.fn is None]
     if needs and not oracle:
         raise typer.BadParameter(f"{', '.join(needs)} need an oracle", param_hint="--oracle")
-    scorers = _scorers(model, reference, batch_size, bf16)
-    sets = load_eval_sets(data, data_dir, max_eval)
-    results = {s.name: evaluate_scorer(s, sets, output_dir) for s in scorers}
-    typer.echo(markdown_table(results_table(results)))
-    (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    if perturb:
-        orc = _oracle(oracle, "", "OPENAI_API_KEY", 4, None) if oracle else None
-        try:
-            for s in scorers:
-                report = evaluate_perturbations(s, sets, PerturbOptions(tuple(perturb), seed),
-                                                oracle=orc, output_dir=output_dir)
-                typer.echo(report.table())
-        finally:
-            if orc is not None:
-                _oracle_stats(orc)
+    # made first: a local llama.cpp is checked before anything is scored
+    orc = _oracle(oracle, "", "OPENAI_API_KEY", 4, None) if perturb and oracle else None
+    try:
+        scorers = _scorers(model, reference, batch_size, bf16)
+        sets = load_eval_sets(data, data_dir, max_eval)
+        results = {s.name: evaluate_scorer(s, sets, output_dir) for s in scorers}
+        typer.echo(markdown_table(results_table(results)))
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        for s in scorers if perturb else []:
+            report = evaluate_perturbations(s, sets, PerturbOptions(tuple(perturb or ()), seed),
+                                            oracle=orc, output_dir=output_dir)
+            typer.echo(report.table())
+    finally:
+        if orc is not None:
+            _oracle_stats(orc)
     typer.echo(f"per-example outputs and results in {output_dir}")
 
 
@@ -449,6 +449,70 @@ def serve_cmd(
         server.proc.wait()
 
 
+@app.command("build-llama")
+def build_llama_cmd(
+    variant: Annotated[str, typer.Option(
+        help="portable: the instruction sets that ran in a probe, never AMX; native: "
+             "-march=native minus AMX (the benchmark's yardstick)")] = "portable",
+    force: Annotated[bool, typer.Option(help="Rebuild even if a cached wheel exists")] = False,
+    wheel_only: Annotated[bool, typer.Option(
+        "--wheel-only", help="Build (or find) the cached wheel, print its path, install "
+                             "nothing")] = False,
+    jobs: Annotated[int | None, typer.Option(help="Parallel compile jobs")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+) -> None:
+    """Build llama-cpp-python for this CPU (instruction sets probed by running them; never
+    AMX) into a cached wheel, and install it with its server extras."""
+    from crome.oracle.build import BuildOptions, build_wheel, install, plan, probe
+
+    def log(line: str) -> None:
+        if not quiet:
+            typer.echo(line, err=True)
+
+    result = probe()
+    log(f"CPU probe: {result.summary()}")
+    opts = BuildOptions(variant=variant, force=force, jobs=jobs)
+    if wheel_only:
+        typer.echo(build_wheel(opts, plan(opts, result), log).wheel)
+        return
+    info = install(opts, log)
+    log(f"llama-cpp-python {info.version}: build {info.key} ({info.variant}), "
+        f"{' '.join(a for a in info.cmake_args if a.endswith('=ON'))}")
+
+
+@app.command("doctor")
+def doctor_cmd(
+    data_dir: DataDirOpt = None,
+    native_check: Annotated[bool, typer.Option(
+        "--native-check/--no-native-check",
+        help="Load the oracle model with llama.cpp in a child process")] = True,
+    recheck: Annotated[bool, typer.Option(help="Ignore the cached llama.cpp check")] = False,
+) -> None:
+    """Check this machine for crome: versions, threads, bf16, CPU, llama.cpp, models, data,
+    Chromium, disk. Exit status 1 when something the main job needs is missing."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    from crome.doctor import DoctorOptions, exit_code, run_checks
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    checks = run_checks(DoctorOptions(data_dir=data_dir, native_check=native_check,
+                                      recheck=recheck))
+    table = Table("check", "status", "detail", title="crome doctor")
+    colour = {"ok": "green", "warn": "yellow", "fail": "red"}
+    for c in checks:
+        table.add_row(escape(c.name), f"[{colour[c.status]}]{c.status}[/]", escape(c.detail))
+    console.print(table)
+    for c in checks:
+        if c.fix:
+            console.print(f"{c.status} {c.name}: fix: {c.fix}", markup=False, highlight=False)
+    code = exit_code(checks)
+    console.print("the main job can run here" if code == 0 else
+                  "something the main job needs is missing (the fail rows above)")
+    raise typer.Exit(code)
+
+
 @app.command("quickstart")
 def quickstart_cmd(
     output_dir: Annotated[str, typer.Option("--out", "-o")] = "runs/quickstart",
@@ -498,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     from crome.data.schema import RecordError
 
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # a typer.Exit(n) comes back as n
     except typer.Exit as e:
         return e.exit_code
     except (typer.Abort, KeyboardInterrupt):
@@ -515,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in rest:  # multi-line hints (e.g. where to put the data) stay readable
             typer.echo(f"  {line}", err=True)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":

@@ -142,6 +142,9 @@ def quickstart(options: QuickstartOptions | None = None,
     stages = _Stages(10, echo)
     log: list[str] = []
     stages.start("load data")
+    # Made first: a local llama.cpp is checked (in a child process) before minutes of work.
+    oracle = make_oracle(OracleOptions(spec=opts.oracle, model=opts.oracle_model,
+                                       cache=opts.cache or str(out / "oracle.sqlite3")))
     originals = training_pairs(data_dir, opts.max_train, opts.seed, log)
     sets = load_eval_sets(HELD_OUT, data_dir=data_dir, limit=opts.max_eval)
     for es in sets:
@@ -163,8 +166,6 @@ def quickstart(options: QuickstartOptions | None = None,
     vanilla_summary = train_rm("vanilla-rm", originals)
 
     stages.start(f"rubrics for {len(subset)} prompts (oracle: {opts.oracle})")
-    oracle = make_oracle(OracleOptions(spec=opts.oracle, model=opts.oracle_model,
-                                       cache=opts.cache or str(out / "oracle.sqlite3")))
     aug = out / "augment"
     bar, tick = progress_callback("rubrics", opts.progress)
     try:

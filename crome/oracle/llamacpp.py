@@ -24,6 +24,7 @@ from crome.oracle.base import (
     ResultCallback,
     generate_in_order,
 )
+from crome.oracle.guard import ensure_native
 
 PACKAGED_PARTS = 22
 PACKAGED_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
@@ -113,16 +114,14 @@ class LlamaCppOracle:
             packaged_model_path()
         self.model = path.name
         self._path = path
+        # A llama.cpp built for another CPU kills the process: find out in a child first.
+        ensure_native(path)
         self._llm: Any = None
         self._lock = threading.Lock()
 
     def _load(self) -> Any:
         if self._llm is None:
-            try:
-                from llama_cpp import Llama
-            except ImportError as e:
-                raise ModelAssemblyError(
-                    "llama-cpp-python is not installed: pip install -e '.[oracle]'") from e
+            from llama_cpp import Llama  # ensure_native has imported it in a child
             self._llm = Llama(model_path=str(self._path), n_ctx=self.options.n_ctx,
                               n_threads=self.options.n_threads or os.cpu_count() or 1,
                               verbose=self.options.verbose)

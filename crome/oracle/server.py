@@ -58,6 +58,9 @@ class LlamaServer:
         return self._log.read().decode(errors="replace")[-n:]
 
     def __enter__(self) -> Self:
+        from crome.oracle.guard import ensure_native
+
+        ensure_native(self.model)  # a crash there is one line, not a dead server
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL)
         deadline = time.monotonic() + self.start_timeout
