@@ -136,8 +136,8 @@ def main() -> None:
     if runnable:
         best_p = max(report[lb]["prompt_tps"] for lb in runnable)
         best_d = max(report[lb]["decode_tps"] for lb in runnable)
-        print(f"\n| build | prompt tok/s | decode tok/s | prompt vs best | decode vs best |\n"
-              f"|---|---:|---:|---:|---:|")
+        print("\n| build | prompt tok/s | decode tok/s | prompt vs best | decode vs best |\n"
+              "|---|---:|---:|---:|---:|")
         for label in report:
             if label not in runnable:
                 print(f"| {label} | {report[label]['reason']} | | | |")

@@ -195,11 +195,12 @@ def llama_server():
     Qwen2.5-Coder-1.5B-Instruct GGUF; ``.base_url`` is ``http://127.0.0.1:PORT/v1``.
 
     Fails, never skips, when llama_cpp or the model is missing: CI installs both."""
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError as exc:
-        pytest.fail(f"llama_cpp is not installed ({exc}): pip install "
-                    "'llama-cpp-python[server]==0.3.36'", pytrace=False)
+    from crome.oracle.guard import library_dir
+
+    # Not imported here: a llama.cpp built for another CPU would take pytest down with it
+    # (the server's start runs the crash guard in a child process instead).
+    if library_dir() is None:
+        pytest.fail("llama_cpp is not installed: crome build-llama", pytrace=False)
     try:
         from crome.oracle.llamacpp import packaged_model_path
 

@@ -102,8 +102,8 @@ def test_the_installed_build_is_this_machines_portable_build(probed):
     assert build["variant"] == "portable"
     # The library reports what it was compiled with; ask it in a child (it may crash).
     info = subprocess.run(
-        [sys.executable, "-c", "import llama_cpp; "
-         "print(llama_cpp.llama_print_system_info().decode())"],
+        [sys.executable, "-c",
+         "import llama_cpp; print(llama_cpp.llama_print_system_info().decode())"],
         capture_output=True, text=True, timeout=120, check=True).stdout
     assert "AMX" not in info, info
     for name in probed.usable:  # the widest SIMD that runs is in the build
