@@ -101,7 +101,7 @@ def bf16_speed(n: int = 512, repeats: int = 5) -> Bf16Speed:
 
 def bf16_supported() -> bool:
     """Whether bf16 autocast pays off here: a CUDA device with bf16, or a CPU where a timed
-    bf16 matmul is no slower than fp32 (:func:`bf16_speed`). Where PyTorch emulates bf16 we
+    bf16 matmul takes at most 1.5x the fp32 time (:func:`bf16_speed`). Where PyTorch emulates bf16 we
     measured training 20x *slower* than fp32 (AVX2-only EPYC), so ``auto`` means fp32 there."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()

@@ -140,3 +140,13 @@ def test_real_minilm_scores_are_identical_for_every_batch_size(helpers):
                for bs in BATCH_SIZES}
     for bs in BATCH_SIZES[1:]:
         assert results[bs] == results[1], f"batch size {bs} differs from 1"
+
+
+def test_bf16_is_decided_by_a_timed_matmul():
+    from crome.score import BF16_NATIVE_MAX_RATIO, Bf16Speed, bf16_speed, bf16_supported
+
+    speed = bf16_speed()
+    assert speed.fp32_seconds > 0 and speed.bf16_seconds > 0
+    assert bf16_supported() == (speed.ratio <= BF16_NATIVE_MAX_RATIO)
+    assert Bf16Speed(fp32_seconds=0.01, bf16_seconds=0.2).native is False  # emulated: 20x
+    assert Bf16Speed(fp32_seconds=0.01, bf16_seconds=0.004).native is True

@@ -134,7 +134,7 @@ def compiler_id(cc: str = "cc") -> str:
     return out.stdout.splitlines()[0].strip() if out.returncode == 0 and out.stdout else ""
 
 
-def _run_one(probe: IsaProbe, folder: Path, cc: str) -> str:
+def _run_one(probe: IsaProbe, folder: Path, cc: str, runner: Sequence[str] = ()) -> str:
     src = folder / f"{probe.name}.c"
     exe = folder / probe.name
     src.write_text(f"{probe.includes}\n#include <stdio.h>\n#include <stdlib.h>\n"
@@ -146,16 +146,19 @@ def _run_one(probe: IsaProbe, folder: Path, cc: str) -> str:
     if comp.returncode != 0:
         return "no-compiler"
     try:
-        run = subprocess.run([str(exe), "3"], capture_output=True, timeout=30)
+        run = subprocess.run([*runner, str(exe), "3"], capture_output=True, timeout=30)
     except subprocess.TimeoutExpired:
         return "faults"
-    if run.returncode < 0:
+    if run.returncode < 0 or run.returncode >= 128:  # a signal (re-raised by an emulator)
         return "faults"
     return "runs" if run.returncode == 0 else "fails"
 
 
-def probe(cc: str | None = None) -> ProbeResult:
-    """Compile and run one program per instruction-set family (a few seconds in all)."""
+def probe(cc: str | None = None, runner: Sequence[str] = ()) -> ProbeResult:
+    """Compile and run one program per instruction-set family (a few seconds in all).
+
+    ``runner`` prefixes each run, e.g. ``["qemu-x86_64", "-cpu", "Haswell"]`` to see what an
+    AVX2-only CPU would choose (the tests do)."""
     cc = cc or os.environ.get("CC") or "cc"
     result = ProbeResult(compiler=compiler_id(cc))
     if not result.compiler:
@@ -166,7 +169,7 @@ def probe(cc: str | None = None) -> ProbeResult:
             if any(not result.runs(dep) for dep in p.requires):
                 result.outcomes[p.name] = "skipped"
                 continue
-            result.outcomes[p.name] = _run_one(p, Path(tmp), cc)
+            result.outcomes[p.name] = _run_one(p, Path(tmp), cc, runner)
     return result
 
 

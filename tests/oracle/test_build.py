@@ -52,6 +52,23 @@ def test_an_instruction_that_faults_is_seen_as_faulting(tmp_path):
     assert _run_one(ok, tmp_path, "cc") == "runs"
 
 
+def test_an_avx2_only_cpu_gets_an_avx2_build():
+    """The probe on an emulated Haswell (QEMU user mode: AVX2, no AVX-512, no AMX), the CPU
+    class of the AVX2-only EPYC machines, whatever machine runs the tests."""
+    qemu = shutil.which("qemu-x86_64")
+    assert qemu, "qemu-x86_64 is needed (Debian: apt-get install qemu-user; .ci/run does)"
+    emulated = probe(runner=[qemu, "-cpu", "Haswell"])
+    for name in ("SSE4.2", "AVX", "AVX2", "FMA", "F16C", "BMI2"):
+        assert emulated.runs(name), emulated.summary()
+    assert emulated.outcomes["AVX512"] == "faults"
+    assert emulated.outcomes["AMX"] == "faults"
+    assert emulated.outcomes["AVX512-VNNI"] == "skipped"
+    on = _switches(cmake_args(emulated))
+    assert on["GGML_AVX2"] == "ON" and on["GGML_FMA"] == "ON" and on["GGML_F16C"] == "ON"
+    assert on["GGML_AVX512"] == "OFF" and on["GGML_AVX512_BF16"] == "OFF"
+    assert all(on[g] == "OFF" for g in on if g.startswith("GGML_AMX"))
+
+
 def test_flags_follow_what_ran_and_amx_is_never_on():
     everything = ProbeResult({p.name: "runs" for p in PROBES}, "gcc")
     on = _switches(cmake_args(everything))
