@@ -23,13 +23,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 import _common  # noqa: F401  (offline env, importable checkout)
 
 from crome.doctor import cpu_name
-from crome.oracle.build import BuildOptions, build_wheel, plan, probe
+from crome.oracle.build import BuildOptions, build_wheel, plan, probe, unpack_libs
 from crome.oracle.guard import check_native
 from crome.oracle.llamacpp import packaged_model_path
 
@@ -62,14 +61,6 @@ def child(model: str, threads: int, prompt_tokens: int, decode_tokens: int,
                          "n_prompt": p.n_p_eval, "n_decode": p.n_eval})
     info = llama_cpp.llama_print_system_info().decode(errors="replace")
     print(json.dumps({"runs": runs, "system_info": info}), flush=True)
-
-
-def unpack(wheel: Path, into: Path) -> Path:
-    with zipfile.ZipFile(wheel) as z:
-        for name in z.namelist():
-            if name.startswith("llama_cpp/lib/"):
-                z.extract(name, into)
-    return into / "llama_cpp" / "lib"
 
 
 def main() -> None:
@@ -105,7 +96,7 @@ def main() -> None:
     print(f"CPU: {machine['cpu']}; probe: {machine['probe']}; {args.threads} threads")
     report: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="crome-llama-builds-") as tmp:
-        libs = {label: unpack(w, Path(tmp) / label) for label, w in wheels.items()}
+        libs = {label: unpack_libs(w, Path(tmp) / label) for label, w in wheels.items()}
         runnable = []
         for label, lib in libs.items():
             os.environ["LLAMA_CPP_LIB_PATH"] = str(lib)

@@ -288,6 +288,18 @@ def _mkdir(path: Path) -> Path:
     return path
 
 
+def unpack_libs(wheel: str | os.PathLike[str], into: Path) -> Path:
+    """The wheel's native libraries, unpacked to ``into``: a folder to point
+    ``LLAMA_CPP_LIB_PATH`` at, to load that build without installing it."""
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as z:
+        for name in z.namelist():
+            if name.startswith("llama_cpp/lib/"):
+                z.extract(name, into)
+    return into / "llama_cpp" / "lib"
+
+
 def installed_build() -> dict[str, object] | None:
     """The ``build.json`` of the llama-cpp-python installed here by crome, if any."""
     spec = _llama_cpp_dir()

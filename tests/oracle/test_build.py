@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from crome.oracle.build import (
     installed_build,
     plan,
     probe,
+    unpack_libs,
 )
 
 
@@ -145,3 +147,25 @@ def test_no_amx_instruction_in_the_native_libraries():
                if any(op in ln.split("\t")[-1].split(" ")[0] for op in
                       ("tilezero", "ldtilecfg", "tileloadd", "tdpb", "tilerelease"))]
         assert not amx, f"{lib.name}: {amx[:3]}"
+
+
+@pytest.mark.slow
+def test_the_avx2_build_runs_on_an_emulated_avx2_cpu(tmp_path):
+    """What an AVX2-only machine would build, run there: the build for an emulated Haswell
+    (cached wheel; built on first use, minutes) loads the packaged model and generates
+    under QEMU's Haswell, AVX-512 and AMX absent. (About a minute of emulation.)"""
+    from crome.oracle.llamacpp import packaged_model_path
+
+    qemu = shutil.which("qemu-x86_64")
+    assert qemu, "qemu-x86_64 is needed (Debian: apt-get install qemu-user; .ci/run does)"
+    cpu = [qemu, "-cpu", "Haswell"]
+    info = build_wheel(BuildOptions(), plan(BuildOptions(), probe(runner=cpu)), log=print)
+    lib = unpack_libs(info.wheel, tmp_path)
+    proc = subprocess.run(
+        [*cpu, sys.executable, "-m", "crome.oracle.guard", str(packaged_model_path()),
+         "--threads", "2"], capture_output=True, text=True, timeout=1200,
+        env={**os.environ, "LLAMA_CPP_LIB_PATH": str(lib)}, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "AVX2 = 1" in out["system_info"] and "AVX512" not in out["system_info"]
+    assert out["text"].strip()
