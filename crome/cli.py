@@ -490,27 +490,12 @@ def doctor_cmd(
 ) -> None:
     """Check this machine for crome: versions, threads, bf16, CPU, llama.cpp, models, data,
     Chromium, disk. Exit status 1 when something the main job needs is missing."""
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
+    from crome.doctor import DoctorOptions, exit_code, print_report, run_checks
 
-    from crome.doctor import DoctorOptions, exit_code, run_checks
-
-    console = Console(width=None if sys.stdout.isatty() else 160)
     checks = run_checks(DoctorOptions(data_dir=data_dir, native_check=native_check,
                                       recheck=recheck))
-    table = Table("check", "status", "detail", title="crome doctor")
-    colour = {"ok": "green", "warn": "yellow", "fail": "red"}
-    for c in checks:
-        table.add_row(escape(c.name), f"[{colour[c.status]}]{c.status}[/]", escape(c.detail))
-    console.print(table)
-    for c in checks:
-        if c.fix:
-            console.print(f"{c.status} {c.name}: fix: {c.fix}", markup=False, highlight=False)
-    code = exit_code(checks)
-    console.print("the main job can run here" if code == 0 else
-                  "something the main job needs is missing (the fail rows above)")
-    raise typer.Exit(code)
+    print_report(checks)
+    raise typer.Exit(exit_code(checks))
 
 
 @app.command("quickstart")

@@ -279,3 +279,23 @@ def run_checks(options: DoctorOptions | None = None,
 
 def exit_code(checks: list[Check]) -> int:
     return 1 if any(c.status == FAIL for c in checks) else 0
+
+
+def print_report(checks: list[Check]) -> None:
+    """The table, then one ``STATUS NAME: fix: …`` line per row that has a fix, then the
+    verdict."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    table = Table("check", "status", "detail", title="crome doctor")
+    colour = {OK: "green", WARN: "yellow", FAIL: "red"}
+    for c in checks:
+        table.add_row(escape(c.name), f"[{colour[c.status]}]{c.status}[/]", escape(c.detail))
+    console.print(table)
+    for c in checks:
+        if c.fix:
+            console.print(f"{c.status} {c.name}: fix: {c.fix}", markup=False, highlight=False)
+    console.print("the main job can run here" if exit_code(checks) == 0 else
+                  "something the main job needs is missing (the fail rows above)")
