@@ -246,7 +246,8 @@ def _pip(*args: str) -> list[str]:
 
 def build_wheel(options: BuildOptions, info: BuildInfo | None = None,
                 log: Callable[[str], None] = print) -> BuildInfo:
-    """The cached wheel for this machine's build, building it if needed (~10 min on 2 cores)."""
+    """The cached wheel for this machine's build, building it if needed (4-10 min on 2
+    cores; a failed build leaves its log in a ``<key>.*`` folder beside the cache entries)."""
     info = info or plan(options)
     folder = wheels_dir(options.cache_dir) / info.key
     record = folder / "build.json"
@@ -256,12 +257,12 @@ def build_wheel(options: BuildOptions, info: BuildInfo | None = None,
             return cached
     if folder.exists():
         shutil.rmtree(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{info.key}.", dir=folder.parent if folder.parent
-                                .exists() else _mkdir(folder.parent)))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{info.key}.", dir=folder.parent))
     env = dict(os.environ, CMAKE_ARGS=shlex.join(info.cmake_args),
                CMAKE_BUILD_PARALLEL_LEVEL=str(options.jobs or os.cpu_count() or 1))
     log(f"building llama-cpp-python {info.version} ({info.variant}) with "
-        f"{shlex.join(info.cmake_args)}; about 10 min on 2 cores")
+        f"{shlex.join(info.cmake_args)}; 4-10 min on 2 cores")
     t0 = time.perf_counter()
     logfile = tmp / "build.log"
     with logfile.open("w") as out:
@@ -283,11 +284,6 @@ def build_wheel(options: BuildOptions, info: BuildInfo | None = None,
     return info
 
 
-def _mkdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def unpack_libs(wheel: str | os.PathLike[str], into: Path) -> Path:
     """The wheel's native libraries, unpacked to ``into``: a folder to point
     ``LLAMA_CPP_LIB_PATH`` at, to load that build without installing it."""
@@ -302,14 +298,16 @@ def unpack_libs(wheel: str | os.PathLike[str], into: Path) -> Path:
 
 def installed_build() -> dict[str, object] | None:
     """The ``build.json`` of the llama-cpp-python installed here by crome, if any."""
-    spec = _llama_cpp_dir()
-    if spec is None:
+    pkg = package_dir()
+    if pkg is None:
         return None
-    marker = spec / "crome-build.json"
+    marker = pkg / "crome-build.json"
     return json.loads(marker.read_text()) if marker.is_file() else None
 
 
-def _llama_cpp_dir() -> Path | None:
+def package_dir() -> Path | None:
+    """The installed ``llama_cpp`` package folder, found without importing it (importing it
+    loads the native library, which is what may crash)."""
     import importlib.util
 
     spec = importlib.util.find_spec("llama_cpp")
@@ -331,10 +329,11 @@ def install(options: BuildOptions, log: Callable[[str], None] = print,
     info = build_wheel(options, info, log)
     spec = f"{info.wheel}[{','.join(extras)}]" if extras else info.wheel
     log(f"installing {Path(info.wheel).name} (build {info.key})")
-    subprocess.run(_pip("install", "-q", "--force-reinstall", "--no-deps", info.wheel),
-                   check=True)
-    subprocess.run(_pip("install", "-q", spec), check=True)  # the extras' dependencies
-    target = _llama_cpp_dir()
+    for args in (("--force-reinstall", "--no-deps", info.wheel),
+                 (spec,)):  # the wheel, then its extras' dependencies
+        if subprocess.run(_pip("install", "-q", *args)).returncode != 0:
+            raise OSError(f"pip could not install {' '.join(args)} (its output is above)")
+    target = package_dir()
     if target is None:
         raise OSError("llama-cpp-python was installed but cannot be found")
     (target / "crome-build.json").write_text(json.dumps(asdict(info), indent=1) + "\n")

@@ -11,7 +11,6 @@ A success is cached per (native libraries, model), so the check costs a few seco
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import signal
@@ -21,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from crome.oracle.build import REBUILD_COMMAND
+from crome.oracle.build import REBUILD_COMMAND, package_dir
 
 CHECK_TOKENS = 4
 DEFAULT_TIMEOUT = 180.0  # a cold 1.1 GB load takes seconds; a hang is caught within this
@@ -58,15 +57,12 @@ def features_of(system_info: str) -> list[str]:
 
 
 def library_dir() -> Path | None:
-    """Where ``llama_cpp`` loads ``libllama.so`` from (``$LLAMA_CPP_LIB_PATH`` first), found
-    without importing it: importing it is what may crash."""
+    """Where ``llama_cpp`` loads ``libllama.so`` from (``$LLAMA_CPP_LIB_PATH`` first)."""
     override = os.environ.get("LLAMA_CPP_LIB_PATH")
     if override:
         return Path(override)
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations))) / "lib"
+    pkg = package_dir()
+    return pkg / "lib" if pkg is not None else None
 
 
 def library_fingerprint(folder: Path) -> str:
