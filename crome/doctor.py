@@ -8,14 +8,12 @@ slow or optional) or ``fail`` (the main job cannot run); every non-ok check says
 
 from __future__ import annotations
 
-import gzip
 import importlib.metadata
 import os
 import platform
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,8 +183,9 @@ def check_backbone() -> Check:
 
 
 def _count_lines(path: Path) -> int:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as fh:  # type: ignore[operator]
+    from crome.data.io import open_maybe_gz
+
+    with open_maybe_gz(path) as fh:
         return sum(1 for line in fh if line.strip())
 
 
@@ -256,25 +255,13 @@ def check_disk() -> Check:
                  "" if ok else f"free at least {MIN_FREE_GB:.0f} GB")
 
 
-def run_checks(options: DoctorOptions | None = None,
-               on_check: Callable[[Check], None] | None = None) -> list[Check]:
-    """Every check, in the table's order; ``on_check`` sees each as it finishes."""
+def run_checks(options: DoctorOptions | None = None) -> list[Check]:
+    """Every check, in the table's order."""
     opts = options or DoctorOptions()
-    checks: list[Check] = []
-
-    def add(*found: Check) -> None:
-        for c in found:
-            checks.append(c)
-            if on_check:
-                on_check(c)
-
-    add(*check_python())
-    add(check_threads(), check_bf16(), check_cpu())
     model_check, model = check_oracle_model()
-    add(*check_llama(opts, model), model_check, check_backbone())
-    add(*check_data(opts))
-    add(check_chromium(), check_disk())
-    return checks
+    return [*check_python(), check_threads(), check_bf16(), check_cpu(),
+            *check_llama(opts, model), model_check, check_backbone(), *check_data(opts),
+            check_chromium(), check_disk()]
 
 
 def exit_code(checks: list[Check]) -> int:

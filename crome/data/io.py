@@ -70,7 +70,7 @@ def _raw_rows(path: Path, fmt: str) -> Iterator[tuple[int, Any, RecordError | No
     them, so that a bad ``prompt_is_chat`` row is located and skippable like any other.
     """
     if fmt == "jsonl":
-        opener = _open_maybe_gz(path)
+        opener = open_maybe_gz(path)
         with opener as fh:
             for lineno, raw in enumerate(fh, start=1):
                 if not raw.strip():
@@ -125,7 +125,8 @@ def _is_gz(path: Path) -> bool:
     return path.name.lower().endswith(".gz")
 
 
-def _open_maybe_gz(path: Path):  # type: ignore[no-untyped-def]
+def open_maybe_gz(path: Path):  # type: ignore[no-untyped-def]
+    """The file's bytes, gunzipped when its name ends in ``.gz``."""
     if _is_gz(path):
         return gzip.open(path, "rb")
     return open(path, "rb")

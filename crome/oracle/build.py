@@ -29,6 +29,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from crome.oracle.cache import crome_cache_dir
+
 LLAMA_CPP_VERSION = "0.3.36"
 VARIANTS = ("portable", "native")
 REBUILD_COMMAND = "crome build-llama --force"
@@ -220,8 +222,7 @@ def wheels_dir(cache_dir: str | None = None) -> Path:
     env = os.environ.get("CROME_WHEELS")
     if env:
         return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "crome" / \
-        "llama-wheels"
+    return crome_cache_dir() / "llama-wheels"
 
 
 def _python_tag() -> str:

@@ -33,13 +33,17 @@ CREATE TABLE IF NOT EXISTS calls (
 """
 
 
+def crome_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/crome`` (``~/.cache/crome``): the folder of every crome cache."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "crome"
+
+
 def default_cache_path() -> Path:
     """``$CROME_CACHE`` or ``~/.cache/crome/oracle.sqlite3``."""
     env = os.environ.get("CROME_CACHE")
     if env:
         return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "crome" / \
-        "oracle.sqlite3"
+    return crome_cache_dir() / "oracle.sqlite3"
 
 
 def cache_key(backend: str, model: str, request: OracleRequest) -> str:

@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from crome.oracle.build import REBUILD_COMMAND, package_dir
+from crome.oracle.cache import crome_cache_dir
 
 CHECK_TOKENS = 4
 DEFAULT_TIMEOUT = 180.0  # a cold 1.1 GB load takes seconds; a hang is caught within this
@@ -81,9 +82,8 @@ def _model_fingerprint(model: Path) -> str:
 
 
 def checks_path() -> Path:
-    base = os.environ.get("CROME_CACHE_DIR") or \
-        Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "crome"
-    return Path(base) / "native-checks.json"
+    base = os.environ.get("CROME_CACHE_DIR")
+    return (Path(base) if base else crome_cache_dir()) / "native-checks.json"
 
 
 def _read_checks(path: Path) -> dict[str, dict[str, object]]:

@@ -24,6 +24,7 @@ from crome.oracle.base import (
     ResultCallback,
     generate_in_order,
 )
+from crome.oracle.cache import crome_cache_dir
 from crome.oracle.guard import ensure_native
 
 PACKAGED_PARTS = 22
@@ -40,7 +41,7 @@ def models_dir() -> Path:
     env = os.environ.get("CROME_MODELS")
     if env:
         return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "crome" / "models"
+    return crome_cache_dir() / "models"
 
 
 def packaged_parts() -> list[Path]:
