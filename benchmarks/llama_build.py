@@ -7,9 +7,10 @@ what the README installs (the instruction sets a probe ran, never AMX), and ``na
 unpacked and loaded through ``LLAMA_CPP_LIB_PATH`` in a child process: first the crash guard
 (does it run at all?), then rounds that alternate between builds so that drift in the
 machine's speed hits all of them alike. A round loads the model and times a prompt of
-``--prompt-tokens`` and ``--decode-tokens`` greedy tokens with llama.cpp's own counters.
+``--prompt-tokens`` and ``--decode-tokens`` greedy tokens with llama.cpp's own counters;
+ratios to the first build carry a paired bootstrap 95% CI over rounds.
 
-    python benchmarks/llama_build.py                       # portable vs native, 3 rounds
+    python benchmarks/llama_build.py                       # portable vs native, 5 rounds
     python benchmarks/llama_build.py --wheel pip=PATH.whl  # and another build
 """
 
@@ -26,6 +27,7 @@ import tempfile
 from pathlib import Path
 
 import _common  # noqa: F401  (offline env, importable checkout)
+import numpy as np
 
 from crome.doctor import cpu_name
 from crome.oracle.build import BuildOptions, build_wheel, plan, probe, unpack_libs
@@ -63,13 +65,28 @@ def child(model: str, threads: int, prompt_tokens: int, decode_tokens: int,
     print(json.dumps({"runs": runs, "system_info": info}), flush=True)
 
 
+def paired_ratio(runs: list[dict], ref_runs: list[dict], key: str, rounds: int,
+                 resamples: int = 10_000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``key`` over rounds divided by the reference's, with a percentile bootstrap
+    95% CI that resamples rounds (a round's machine state is shared by both builds)."""
+    def per_round(rs: list[dict]) -> np.ndarray:
+        return np.array([np.mean([x[key] for x in rs if x["round"] == r])
+                         for r in range(rounds)])
+
+    a, b = per_round(runs), per_round(ref_runs)
+    idx = np.random.default_rng(seed).integers(0, rounds, size=(resamples, rounds))
+    boot = a[idx].mean(axis=1) / b[idx].mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return float(a.mean() / b.mean()), float(lo), float(hi)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variant", action="append", default=None,
                     help="crome build variants (default: portable native); built if missing")
     ap.add_argument("--wheel", action="append", default=[], metavar="LABEL=PATH",
                     help="another llama-cpp-python 0.3.x wheel to measure")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=2, help="timed completions per round")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--prompt-tokens", type=int, default=240)
@@ -116,7 +133,7 @@ def main() -> None:
                      "--decode-tokens", str(args.decode_tokens), "--reps", str(args.reps)],
                     capture_output=True, text=True, env=env, check=True)
                 runs = json.loads(out.stdout.strip().splitlines()[-1])["runs"]
-                report[label]["runs"] += runs
+                report[label]["runs"] += [{**x, "round": r} for x in runs]
                 print(f"round {r + 1} {label}: " + ", ".join(
                     f"prompt {x['prompt_tps']:.1f} tok/s, decode {x['decode_tps']:.1f} tok/s"
                     for x in runs), flush=True)
@@ -125,19 +142,26 @@ def main() -> None:
         report[label]["prompt_tps"] = statistics.median(x["prompt_tps"] for x in runs)
         report[label]["decode_tps"] = statistics.median(x["decode_tps"] for x in runs)
     if runnable:
-        best_p = max(report[lb]["prompt_tps"] for lb in runnable)
-        best_d = max(report[lb]["decode_tps"] for lb in runnable)
-        print("\n| build | prompt tok/s | decode tok/s | prompt vs best | decode vs best |\n"
-              "|---|---:|---:|---:|---:|")
+        ref = runnable[0]
+        print(f"\nratios to {ref}: mean over rounds, paired bootstrap 95% CI over the "
+              f"{args.rounds} rounds (each round ran every build once, back to back)")
+        print("\n| build | prompt tok/s | decode tok/s | prompt ratio [95% CI] | "
+              "decode ratio [95% CI] |\n|---|---:|---:|---:|---:|")
         for label in report:
             if label not in runnable:
                 print(f"| {label} | {report[label]['reason']} | | | |")
                 continue
             p, d = report[label]["prompt_tps"], report[label]["decode_tps"]
-            print(f"| {label} | {p:.1f} | {d:.1f} | {p / best_p:.2f}x | {d / best_d:.2f}x |")
+            cells = []
+            for key in ("prompt_tps", "decode_tps"):
+                ratio, lo, hi = paired_ratio(report[label]["runs"], report[ref]["runs"], key,
+                                             args.rounds)
+                report[label][f"{key}_ratio_to_{ref}"] = [ratio, lo, hi]
+                cells.append(f"{ratio:.3f} [{lo:.3f}, {hi:.3f}]")
+            print(f"| {label} | {p:.1f} | {d:.1f} | {cells[0]} | {cells[1]} |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"machine": machine, "builds": report}, indent=1))
-    print(f"medians over {args.rounds} rounds x {args.reps} completions; written to {args.out}")
+    print(f"tok/s: medians over {args.rounds} rounds x {args.reps} completions; written to {args.out}")
 
 
 if __name__ == "__main__":
