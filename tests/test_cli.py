@@ -135,6 +135,39 @@ def test_unknown_data_is_one_line_and_exit_2(helpers, tmp_path):
     assert "'nope.jsonl' is neither a known source" in proc.stderr
 
 
+def test_empty_data_is_one_line_and_exit_2(helpers, tmp_path):
+    (tmp_path / "EMPTY.jsonl").write_text("", encoding="utf-8")
+    out = tmp_path / "eval"
+    proc = helpers.run_cli("eval", "--reference", "longer-wins", "--data", "EMPTY.jsonl",
+                           "--out", out, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.splitlines() == ["crome: error: EMPTY.jsonl: no records"]
+    assert not (out / "results.json").exists()
+    proc = helpers.run_cli("export", "EMPTY.jsonl", tmp_path / "out.jsonl", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == ["crome: error: EMPTY.jsonl: no records"]
+
+
+def test_trl_file_without_ids_is_read_and_hub_errors_are_one_line(helpers, tmp_path):
+    rows = [{"prompt": "hi", "chosen": "hello there", "rejected": "go away"},
+            {"chosen": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "A"}],
+             "rejected": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "B"}]}]
+    (tmp_path / "trl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = helpers.run_cli("export", "trl.jsonl", tmp_path / "out.jsonl", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "trl: 2 pairs" in proc.stderr
+    written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["id"][:2] for r in written] == ["h:", "h:"]
+    assert written[1]["prompt"] == [{"role": "user", "content": "Q?"}]
+    proc = helpers.run_cli("export", "hf:nobody/no-such-set", tmp_path / "hub.jsonl",
+                           cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("crome: error:")]
+    assert len(errors) == 1
+    assert errors[0].startswith("crome: error: hf:nobody/no-such-set: cannot load it from the "
+                                "Hugging Face Hub")
+
+
 def test_sources_lists_every_name(helpers, tmp_path):
     proc = helpers.run_cli("sources", cwd=tmp_path)
     assert proc.returncode == 0

@@ -1,10 +1,13 @@
 """Pair records: the schema, readers and writers, and adapters for the public data sets."""
 
+from crome.data.formats import RowIds, adapt_row, content_id, extract_prompt
+from crome.data.hub import iter_hub_pairs
 from crome.data.io import (
     FORMATS,
     ReadReport,
     detect_format,
     from_dataset,
+    iter_dataset,
     iter_pairs,
     read_pairs,
     to_dataset,
@@ -71,11 +74,17 @@ __all__ = [
     "Prompt",
     "ReadReport",
     "RecordError",
+    "RowIds",
     "SourceResult",
+    "adapt_row",
+    "content_id",
     "detect_format",
+    "extract_prompt",
     "final_number",
     "from_dataset",
     "gsm8k_pairs",
+    "iter_dataset",
+    "iter_hub_pairs",
     "iter_pairs",
     "load_gsm8k",
     "load_hh_rlhf",

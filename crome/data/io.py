@@ -2,8 +2,11 @@
 
 Every reader validates each record and either stops at the first bad one with an error that
 names the file, line (or record number) and field, or, with ``skip_invalid``, skips it and
-counts it in a :class:`ReadReport`. Duplicate ids are an error too: later stages key caches,
-scores and provenance on ids.
+counts it in a :class:`ReadReport`. Rows may come in TRL's layouts and without ids
+(:mod:`crome.data.formats` adapts them); the ids of what a read returns are unique, because
+later stages key caches, scores and provenance on them. An id that repeats in another subset,
+or a pair without id that repeats, is made unique and counted in the report; an id given twice
+in the same (source, subset) is an error.
 
 Columnar formats (CSV, Parquet, ``datasets``) cannot hold "a string or a list of messages" in
 one column, so chat prompts are stored there as JSON text with ``prompt_is_chat = true`` and
@@ -15,6 +18,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import logging
 import os
 import sys
 from collections import Counter
@@ -23,20 +27,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from crome.data.formats import RowIds, adapt_row
 from crome.data.schema import MAX_ANSWER_CHARS, PairRecord, RecordError, validate_record
 
 FORMATS = ("jsonl", "json", "csv", "parquet")
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class ReadReport:
-    """What a read kept and what it skipped, by reason."""
+    """What a read kept, what it skipped (by field), which ids it made unique (by reason,
+    ``renamed`` in all) and what it noticed on the way (``notes``, e.g. ignored columns)."""
 
     path: str = ""
     read: int = 0
     skipped: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
+    renamed: int = 0
+    rename_reasons: Counter[str] = field(default_factory=Counter)
+    rename_examples: list[str] = field(default_factory=list)
+    notes: Counter[str] = field(default_factory=Counter)
 
     def skip(self, err: RecordError) -> None:
         self.skipped += 1
@@ -44,11 +55,24 @@ class ReadReport:
         if len(self.examples) < 5:
             self.examples.append(str(err))
 
+    def renames(self) -> str:
+        """One line on the ids made unique, or "" when none were."""
+        if not self.renamed:
+            return ""
+        why = ", ".join(f"{k}: {v}" for k, v in self.rename_reasons.most_common())
+        return (f"{self.renamed} duplicate id{'s' if self.renamed != 1 else ''} made unique "
+                f"({why}; e.g. {', '.join(self.rename_examples[:3])})")
+
     def summary(self) -> str:
         text = f"{self.path}: {self.read} records read"
         if self.skipped:
             why = ", ".join(f"{k}: {v}" for k, v in self.reasons.most_common())
             text += f", {self.skipped} invalid skipped ({why})"
+        if self.renamed:
+            text += ", " + self.renames()
+        if self.notes:
+            text += "; notes (" + ", ".join(
+                f"{k}: {v}" for k, v in self.notes.most_common()) + ")"
         return text
 
 
@@ -168,8 +192,9 @@ Prepare = Callable[[int, Any], Any]
 def _validated(rows: Iterable[tuple[int, Any, RecordError | None]], where: str, unit: str, *,
                columnar: bool, prepare: Prepare | None, skip_invalid: bool,
                report: ReadReport, max_answer_chars: int) -> Iterator[PairRecord]:
-    """The one validation loop of every reader: decode, validate, refuse duplicate ids."""
-    seen: set[str] = set()
+    """The one validation loop of every reader: decode, adapt the layout, validate, and give
+    each record a unique id (see :mod:`crome.data.formats`)."""
+    ids = RowIds(renamed=report.rename_reasons, examples=report.rename_examples)
     for number, obj, err in rows:
         try:
             if err is not None:
@@ -178,18 +203,23 @@ def _validated(rows: Iterable[tuple[int, Any, RecordError | None]], where: str, 
                 obj = _from_columns(obj)
             if prepare is not None:
                 obj = prepare(number, obj)
+            kind, base = ids.base(obj)
+            obj = adapt_row(obj, report.notes)
+            if isinstance(obj, dict):
+                obj["id"] = base or "?"  # a hash id is made from the validated content
             rec = validate_record(obj, max_answer_chars=max_answer_chars)
-            if rec.id in seen:
-                raise RecordError(f"duplicate id {rec.id!r}", field="id")
+            rec.id = ids.assign(rec, kind, base)
         except RecordError as e:
             located = e.located(where, number, unit)
             if not skip_invalid:
                 raise located from None
             report.skip(located)
             continue
-        seen.add(rec.id)
+        report.renamed = sum(report.rename_reasons.values())
         report.read += 1
         yield rec
+    if ids.renamed:
+        log.warning("%s: %s", where, report.renames())
 
 
 def iter_pairs(path: str | os.PathLike[str], *, skip_invalid: bool = False,
@@ -278,11 +308,20 @@ def to_dataset(records: Iterable[PairRecord]):  # type: ignore[no-untyped-def]
         {c: [] for c in _COLUMNS})
 
 
+def iter_dataset(ds: Any, *, skip_invalid: bool = False, report: ReadReport | None = None,
+                 max_answer_chars: int = MAX_ANSWER_CHARS) -> Iterator[PairRecord]:
+    """Stream validated records from a ``datasets.Dataset`` (or any iterable of row dicts),
+    numbered from 1 and named ``report.path`` (default ``<dataset>``) in errors."""
+    report = report if report is not None else ReadReport()
+    report.path = report.path or "<dataset>"
+    rows = ((i, row, None) for i, row in enumerate(ds, start=1))
+    yield from _validated(rows, report.path, "record", columnar=True, prepare=None,
+                          skip_invalid=skip_invalid, report=report,
+                          max_answer_chars=max_answer_chars)
+
+
 def from_dataset(ds: Any, *, skip_invalid: bool = False,
                  report: ReadReport | None = None) -> list[PairRecord]:
-    """Validated records from a ``datasets.Dataset`` (either encoding of chat prompts)."""
-    report = report if report is not None else ReadReport(path="<dataset>")
-    rows = ((i, row, None) for i, row in enumerate(ds, start=1))
-    return list(_validated(rows, report.path or "<dataset>", "record", columnar=True,
-                           prepare=None, skip_invalid=skip_invalid, report=report,
-                           max_answer_chars=MAX_ANSWER_CHARS))
+    """Validated records from a ``datasets.Dataset`` (either encoding of chat prompts, or
+    any layout :mod:`crome.data.formats` knows)."""
+    return list(iter_dataset(ds, skip_invalid=skip_invalid, report=report))

@@ -28,7 +28,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from crome.data.io import iter_pairs
+from crome.data.formats import TranscriptError, hh_pair
+from crome.data.io import ReadReport, iter_pairs
 from crome.data.schema import Message, PairRecord, RecordError, validate_record
 
 DATA_SUBDIRS: tuple[str, ...] = ("hh-rlhf", "llmbar", "xstest", "gsm8k")
@@ -40,7 +41,9 @@ DATA_LAYOUT = """\
   xstest/*.csv                     xstest_prompts.csv and xstest_v2_completions_*.csv
                                    (paul-rottger/exaggerated-safety)
   gsm8k/*.jsonl                    train, test and example_model_solutions
-                                   (openai/grade-school-math)"""
+                                   (openai/grade-school-math)
+  rewardbench/filtered.jsonl.gz    RewardBench's filtered set (only for the source
+                                   `rewardbench`)"""
 
 HH_SUBSETS: tuple[str, ...] = (
     "helpful-base",
@@ -182,62 +185,21 @@ def _pair(rid: str, prompt: str | list[Message], chosen: Any, rejected: Any, *, 
 
 # --------------------------------------------------------------------------- hh-rlhf
 
-# Only a marker after a blank line starts a turn: "Human:" inside an answer (quoted, or a
-# model imagining the user's reply) is part of that answer, as the raters saw it.
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
-_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
-
-
-def _hh_turns(transcript: str) -> tuple[list[Message], set[int]]:
-    """Chat turns of a transcript, with consecutive same-role turns merged.
-
-    Returns the turns and the indices of those that absorbed a merge. Merging, rather than
-    skipping, keeps pairs whose answer merely contains a stray ``\\n\\nAssistant:``.
-    """
-    head, *rest = _HH_TURN.split(transcript)
-    if head.strip():
-        raise ValueError("text before the first turn")
-    turns: list[Message] = []
-    merged: set[int] = set()
-    for name, content in zip(rest[::2], rest[1::2]):
-        role, content = _HH_ROLES[name], content.strip()
-        if turns and turns[-1]["role"] == role:
-            turns[-1]["content"] = "\n\n".join(c for c in (turns[-1]["content"], content) if c)
-            merged.add(len(turns) - 1)
-        else:
-            turns.append({"role": role, "content": content})
-    return turns, merged
-
-
 def _hh_rows(path: Path, subset: str, notes: Counter[str]) -> Iterator[dict[str, Any] | str]:
+    # The transcript parser lives in formats.py: files in the Hub's hh-rlhf layout
+    # (chosen/rejected transcripts, no prompt) are read with the same one.
     with gzip.open(path, "rt", encoding="utf-8") as fh:
         for index, line in enumerate(fh):
             try:
                 obj = json.loads(line)
-                chosen, rejected = obj["chosen"], obj["rejected"]
-                (c_turns, c_merged), (r_turns, r_merged) = (_hh_turns(chosen),
-                                                            _hh_turns(rejected))
+                prompt, chosen, rejected = hh_pair(obj["chosen"], obj["rejected"], notes)
+            except TranscriptError as e:
+                yield e.reason
+                continue
             except (ValueError, KeyError, TypeError):
                 yield "unparseable transcript"
                 continue
-            sides = ((c_turns, c_merged), (r_turns, r_merged))
-            if any(not t or t[0]["role"] != "user" for t, _ in sides):
-                yield "transcript does not start with a Human turn"
-                continue
-            if any(t[-1]["role"] != "assistant" for t, _ in sides):
-                yield "transcript ends with a Human turn"
-                continue
-            if c_turns[:-1] != r_turns[:-1]:
-                yield "chosen and rejected prompts differ"
-                continue
-            if any(i < len(t) - 1 for t, m in sides for i in m):
-                notes["merged consecutive same-role turns in the prompt"] += 1
-            if any(len(t) - 1 in m for t, m in sides):
-                notes["merged consecutive assistant turns in an answer"] += 1
-            if any(not m["content"] for m in c_turns[:-1]):
-                notes["empty turn kept in the prompt"] += 1
-            yield _pair(f"hh-rlhf/{subset}/{index:06d}", c_turns[:-1],
-                        c_turns[-1]["content"], r_turns[-1]["content"],
+            yield _pair(f"hh-rlhf/{subset}/{index:06d}", prompt, chosen, rejected,
                         source="hh-rlhf", subset=subset)
 
 
@@ -473,13 +435,31 @@ def _rewardbench_row(number: int, obj: Any) -> Any:
             "provenance": dict(_SOURCE_PROVENANCE)}
 
 
-def load_rewardbench(path: str | os.PathLike[str], limit: int | None = None) -> SourceResult:
-    """A RewardBench-format file (``prompt, chosen, rejected, subset`` and maybe ``id``);
-    rows without an id are numbered by their line or record number. An invalid row raises
-    :class:`RecordError` naming file, row and field: a benchmark with holes is no benchmark.
+def load_rewardbench(path: str | os.PathLike[str], limit: int | None = None, *,
+                     name: str | None = None) -> SourceResult:
+    """A RewardBench-format file (``prompt, chosen, rejected, subset`` and maybe ``id``,
+    ``chosen_model``, ``rejected_model``, which go into provenance); ids are
+    ``rewardbench/<id>``, and rows without an id are numbered by their line or record number.
+
+    An id repeated in another subset is made unique as ``rewardbench/<id>@<subset>`` and
+    noted (the official set has id 3692 in ``donotanswer`` and ``hep-python``). An invalid
+    row, or an id repeated within a subset, raises :class:`RecordError` naming file, row and
+    field: a benchmark with holes is no benchmark. So does a file without records.
     """
-    records = list(itertools.islice(iter_pairs(path, prepare=_rewardbench_row), limit))
-    return SourceResult(name=f"rewardbench:{Path(path).name}", records=records)
+    report = ReadReport()
+    result = SourceResult(name=name or f"rewardbench:{Path(path).name}")
+    result.records = list(itertools.islice(
+        iter_pairs(path, prepare=_rewardbench_row, report=report), limit))
+    if not result.records and (limit is None or limit > 0):
+        raise RecordError("no records", path=str(path))
+    _note_report(result, report)
+    return result
+
+
+def _load_rewardbench_source(data_dir: Path | None = None,
+                             limit: int | None = None) -> SourceResult:
+    path = _data_file(data_dir, "rewardbench", "filtered.jsonl.gz")
+    return load_rewardbench(path, limit, name="rewardbench")
 
 
 # --------------------------------------------------------------------------- registry
@@ -490,6 +470,7 @@ SOURCES: dict[str, Callable[..., SourceResult]] = {
     **{f"llmbar/{stem}": partial(load_llmbar, [stem]) for stem in LLMBAR_FILES},
     "xstest": load_xstest,
     "gsm8k": _load_gsm8k_test_pairs,
+    "rewardbench": _load_rewardbench_source,
 }
 
 
@@ -502,23 +483,46 @@ def load_source(name: str, data_dir: Path | None = None,
     return loader(data_dir=data_dir, limit=limit)
 
 
+def _note_report(result: SourceResult, report: ReadReport) -> None:
+    """Carry a read's skips (by field), id renames and notes into ``result``."""
+    result.skipped.update(report.reasons)
+    for reason, n in report.rename_reasons.items():
+        result.notes[f"duplicate id made unique ({reason})"] += n
+    result.notes.update(report.notes)
+
+
 def load_named(name: str, data_dir: Path | None = None, limit: int | None = None,
                skip_invalid: bool = False) -> SourceResult:
-    """A registry source (``hh-rlhf/helpful-base``) or a pair file (``my.jsonl``), one way in
-    for every command that takes ``--data``."""
+    """A registry source (``hh-rlhf/helpful-base``), a pair file (``my.jsonl``, any layout
+    :mod:`crome.data.formats` knows) or a ``datasets`` set (``hf:ORG/NAME[:SPLIT]``,
+    ``hf:/path/to/saved[:SPLIT]``, see :mod:`crome.data.hub`): one way in for every command
+    that takes ``--data``.
+
+    User input without a single record is an error naming it: evaluating or training on
+    nothing would still write results, and an empty table looks like a finished run.
+    """
     if name in SOURCES:
         return load_source(name, data_dir=data_dir, limit=limit)
-    path = Path(name)
-    if not path.exists():
-        raise ValueError(f"{name!r} is neither a known source ({', '.join(SOURCES)}) "
-                         f"nor an existing file")
-    from crome.data.io import ReadReport, iter_pairs
-
     report = ReadReport()
-    result = SourceResult(name=path.stem)
-    for rec in iter_pairs(path, skip_invalid=skip_invalid, report=report):
+    if name.startswith("hf:"):
+        from crome.data.hub import hub_label, iter_hub_pairs
+
+        records = iter_hub_pairs(name, skip_invalid=skip_invalid, report=report)
+        result = SourceResult(name=hub_label(name))
+    else:
+        path = Path(name)
+        if not path.exists():
+            raise ValueError(f"{name!r} is neither a known source ({', '.join(SOURCES)}), "
+                             f"nor an existing file, nor hf:ORG/NAME")
+        records = iter_pairs(path, skip_invalid=skip_invalid, report=report)
+        result = SourceResult(name=path.stem)
+    for rec in records:
         if limit is not None and len(result.records) >= limit:
             break
         result.records.append(rec)
-    result.skipped.update(report.reasons)
+    if not result.records and (limit is None or limit > 0):
+        what = (f"no valid records ({report.skipped} invalid skipped)" if report.skipped
+                else "no records")
+        raise RecordError(what, path=report.path or name)
+    _note_report(result, report)
     return result
