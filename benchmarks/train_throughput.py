@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     from crome.data.io import write_pairs
-    from crome.quickstart import training_pairs
+    from crome.experiment import training_pairs
 
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="crome-bench-"))
     work.mkdir(parents=True, exist_ok=True)

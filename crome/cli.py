@@ -183,8 +183,12 @@ def eval_cmd(
     """Pairwise accuracy per subset (ties wrong), RewardBench sections, length and format
     bias; with --perturb, accuracy, drop and consistency under each perturbation."""
     from crome.evaluate.perturb import PerturbOptions, evaluate_perturbations, parse_perturbations
-    from crome.evaluate.run import evaluate_scorer, load_eval_sets
-    from crome.quickstart import markdown_table, results_table
+    from crome.evaluate.run import (
+        evaluate_scorer,
+        load_eval_sets,
+        markdown_table,
+        results_table,
+    )
 
     # bad specs fail before anything is scored
     needs = [p.id for p in parse_perturbations(perturb or [], with_oracle=bool(oracle))
@@ -498,43 +502,102 @@ def doctor_cmd(
     raise typer.Exit(exit_code(checks))
 
 
-@app.command("quickstart")
-def quickstart_cmd(
-    output_dir: Annotated[str, typer.Option("--out", "-o")] = "runs/quickstart",
+def _csv(text: str | None, kind: type) -> tuple | None:  # type: ignore[type-arg]
+    if text is None:
+        return None
+    try:
+        return tuple(kind(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated {kind.__name__}s, got {text!r}")
+
+
+def experiment_cmd(
+    preset: Annotated[str, typer.Option(
+        help="quickstart (smallest, ~30 min on 2 cores), standard (all arms, tie:causal "
+             "sweep), large (GPU cluster with a served oracle)")] = "quickstart",
+    output_dir: Annotated[str | None, typer.Option(
+        "--out", "-o", help="Run folder (default runs/<preset>); re-running resumes it")] = None,
     data_dir: DataDirOpt = None,
+    arms: Annotated[str | None, typer.Option(
+        help="Comma-separated arms: vanilla, rrm, causal-only, neutral-only, crome, "
+             "crome-nofilter")] = None,
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated training seeds (≥3 for "
+                                                   "CIs worth reading)")] = None,
+    tie_ratios: Annotated[str | None, typer.Option(
+        help="tie:causal sweep, e.g. 0.5,1,2: arms crome-ties-<r>x")] = None,
     max_train: Annotated[int | None, typer.Option(
-        help="Original training pairs (seeded sample); 0 = all")] = 1000,
+        help="Original training pairs (seeded sample); 0 = all")] = None,
     max_eval: Annotated[int | None, typer.Option(
-        help="First N pairs per held-out subset; 0 = all")] = 400,
-    max_length: int = 128,
-    epochs: float = 1.0,
-    lr: float = 1e-4,
-    seed: int = 0,
-    oracle: OracleOpt = "llamacpp",
-    oracle_model: OracleModelOpt = "",
-    cache: CacheOpt = None,
-    augment_pairs: Annotated[int, typer.Option(help="Pairs given causal rewrites")] = 12,
-    attributes: Annotated[int, typer.Option(help="Rubric attributes per pair")] = 1,
-    neutral_pairs: Annotated[int, typer.Option(help="Original pairs made neutral")] = 300,
-    tau: Annotated[float, typer.Option(help="Filter: keep pairs with P(label) < tau")] = 0.95,
-    perturb_eval: Annotated[int, typer.Option(
-        help="Perturbation suite: pairs per subset of LLMBar, helpful-base, GSM8K test")] = 15,
-    bon_questions: Annotated[int, typer.Option(help="Best-of-N: GSM8K test questions")] = 100,
-    audit_probes: Annotated[int, typer.Option(
-        help="Audit: first N GSM8K test and helpful-base pairs made into probes")] = 50,
+        help="First N pairs per held-out subset (RewardBench is always whole); 0 = all")] = None,
+    max_length: int | None = None,
+    epochs: float | None = None,
+    lr: float | None = None,
+    tie_weight: Annotated[float | None, typer.Option(help="λ of the tie loss")] = None,
+    oracle: Annotated[str | None, typer.Option(
+        help="llamacpp[:GGUF], openai:URL, rules (default llamacpp)")] = None,
+    oracle_model: Annotated[str | None, typer.Option("--oracle-model")] = None,
+    cache: Annotated[str | None, typer.Option(help="Oracle cache (SQLite)")] = None,
+    augment_pairs: Annotated[int | None, typer.Option(help="Pairs given causal rewrites")] = None,
+    attributes: Annotated[int | None, typer.Option(help="Rubric attributes per pair")] = None,
+    neutral_pairs: Annotated[int | None, typer.Option(help="Original pairs made neutral")] = None,
+    tau: Annotated[float | None, typer.Option(help="Filter: keep P(label) < tau")] = None,
+    rewardbench: Annotated[bool | None, typer.Option(
+        "--rewardbench/--no-rewardbench", help="Evaluate on the full RewardBench")] = None,
+    perturb_eval: Annotated[int | None, typer.Option(
+        help="Perturbation suite: pairs per subset of LLMBar, helpful-base, GSM8K test")] = None,
+    bon_questions: Annotated[int | None, typer.Option(help="Best-of-N: GSM8K questions")] = None,
+    audit_probes: Annotated[int | None, typer.Option(help="Audit probes per source")] = None,
+    bootstrap: Annotated[int | None, typer.Option(help="Bootstrap replicates")] = None,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
-    """Vanilla RM vs Crome RM (rubrics → augment → filter → train) on held-out sets, their
-    robustness (perturbations, best-of-N, audit) and an HTML report."""
-    from crome.quickstart import QuickstartOptions, quickstart
+    """Arms × seeds over the same Crome stages, evaluated on held-out data with paired
+    bootstrap CIs. `crome quickstart` is the quickstart preset.
 
-    quickstart(QuickstartOptions(
-        output_dir=output_dir, data_dir=data_dir, max_train=max_train or None,
-        max_eval=max_eval or None, max_length=max_length, epochs=epochs, lr=lr, seed=seed,
-        oracle=oracle, oracle_model=oracle_model, cache=cache, augment_pairs=augment_pairs,
-        attributes_per_pair=attributes, neutral_pairs=neutral_pairs, tau=tau,
-        perturb_eval=perturb_eval, bon_questions=bon_questions, audit_probes=audit_probes,
-        progress=progress), echo=typer.echo)
+    Every arm trains the same backbone on the same original pairs with the same seeds, plus:
+    vanilla: nothing; rrm: RRM pairs (on-prompt answers beat an off-prompt one, two
+    off-prompt answers tie); causal-only: the causal pairs the filter kept; neutral-only:
+    the neutral pairs the filter kept; crome: both; crome-nofilter: every causal and neutral
+    pair, unfiltered; crome-ties-<r>x (--tie-ratios): the kept causal pairs and r times as
+    many kept neutral pairs. The augmentation and the baseline (vanilla, first seed; also
+    the filter's baseline) are made once and shared.
+
+    Presets: quickstart (vanilla and crome, seeds 0,1,2, 600 training pairs, 12 pairs
+    augmented by the local oracle; ~30 min on 2 CPU cores), standard (every arm, tie:causal
+    sweep 1 and 4, 2,000 training pairs, 60 augmented), large (everything, 5 seeds, meant
+    for `--oracle openai:URL` and `accelerate launch` on GPUs).
+
+    Writes results.json, results.md (figures and differences with CIs) and report/; every
+    stage is cached, so re-running the same command resumes.
+    """
+    from crome.experiment import experiment, preset_options
+
+    opts = preset_options(
+        preset, output_dir=output_dir, data_dir=data_dir, arms=_csv(arms, str),
+        seeds=_csv(seeds, int), tie_ratios=_csv(tie_ratios, float), max_length=max_length,
+        epochs=epochs, lr=lr, tie_weight=tie_weight, oracle=oracle, oracle_model=oracle_model,
+        cache=cache, augment_pairs=augment_pairs, attributes_per_pair=attributes,
+        neutral_pairs=neutral_pairs, tau=tau, rewardbench=rewardbench, perturb_eval=perturb_eval,
+        bon_questions=bon_questions, audit_probes=audit_probes, bootstrap=bootstrap,
+        progress=progress)
+    # 0 means "all" for the data limits, which None cannot say (it means "the preset's").
+    if max_train is not None:
+        opts.max_train = max_train or None
+    if max_eval is not None:
+        opts.max_eval = max_eval or None
+    experiment(opts, echo=typer.echo)
+
+
+def _reflowed(text: str) -> str:
+    """Paragraphs of a docstring as single lines (rich keeps the docstring's line breaks)."""
+    import inspect
+
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs)
+
+
+app.command("experiment", help=_reflowed(experiment_cmd.__doc__ or ""))(experiment_cmd)
+app.command("quickstart", help="The smallest preset of `crome experiment`: vanilla vs Crome, "
+            "3 seeds, ~30 min on 2 CPU cores (same options).")(experiment_cmd)
 
 
 def main(argv: list[str] | None = None) -> int:

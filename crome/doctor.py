@@ -191,7 +191,7 @@ def _count_lines(path: Path) -> int:
 
 # Files no named source reads, counted as records (one JSON object a line).
 EXTRA_FILES = ("gsm8k/train.jsonl", "gsm8k/example_model_solutions.jsonl",
-               "rewardbench/filtered.jsonl.gz", "humaneval/HumanEval.jsonl.gz")
+               "humaneval/HumanEval.jsonl.gz")
 
 
 def check_data(options: DoctorOptions) -> list[Check]:

@@ -809,6 +809,76 @@ def audit_section(ctx: ReportContext) -> Section:
     return section
 
 
+def experiment_section(results: dict[str, Any], dpi: int = 100) -> Section:
+    """The arms of a ``crome experiment`` run: each figure's mean over seeds, and each
+    difference between arms with its paired bootstrap 95% CI (table and CI-bar plot)."""
+    from crome.evaluate.stats import format_difference, format_value
+
+    arms = list(results["arms"])
+    seeds = results["options"]["seeds"]
+    figures = results["figures"]
+    diffs = results["differences"]
+
+    means = Table(["figure", *arms], [
+        [_label(name), *(Cell(format_value(f["arms"][a]["mean"], f["scale"])) for a in arms)]
+        for name, f in figures.items()], caption=f"Mean over seeds {seeds}")
+    pairs = list(dict.fromkeys((d["arm"], d["reference"]) for d in diffs))
+    tables = [means]
+    plots = []
+    if pairs:
+        rows = []
+        for name, f in figures.items():
+            by_pair = {(d["arm"], d["reference"]): d for d in diffs if d["figure"] == name}
+            cells = []
+            for p in pairs:
+                d = by_pair.get(p)
+                if d is None:
+                    cells.append(Cell(MISSING))
+                    continue
+                lo, hi = d["ci95"]
+                cells.append(Cell(format_difference(d["diff"], lo, hi, f["scale"]),
+                                  bold=lo > 0 or hi < 0))
+            rows.append([_label(name), *cells])
+        tables.append(Table(["figure", *(f"{a} − {r}" for a, r in pairs)], rows,
+                            caption="Differences with paired bootstrap 95% CIs over units "
+                                    "and seeds (bold: the CI excludes 0)"))
+        plots.append(_diff_plot(figures, diffs, pairs, dpi))
+    return Section("experiment", "Experiment: arms and confidence intervals",
+                   intro=f"{len(arms)} arms × {len(seeds)} seeds; arms: "
+                         + "; ".join(f"{a}: original pairs + {d}" if a != "vanilla" else
+                                     f"{a}: {d}" for a, d in results["arms"].items()),
+                   tables=tables, plots=plots)
+
+
+def _diff_plot(figures: dict[str, Any], diffs: Sequence[dict[str, Any]],
+               pairs: Sequence[tuple[str, str]], dpi: int) -> Plot:
+    """One row per figure, one marker per comparison: the difference and its CI bar."""
+    names = [n for n in figures if figures[n]["scale"] != 1.0]
+    fig = _figure(8, 0.32 * len(names) * max(1, len(pairs)) ** 0.5 + 1.2)
+    ax = fig.add_subplot()
+    step = 0.8 / max(1, len(pairs))
+    for k, (arm, ref) in enumerate(pairs):
+        by_name = {d["figure"]: d for d in diffs if (d["arm"], d["reference"]) == (arm, ref)}
+        ys, xs, lo, hi = [], [], [], []
+        for i, name in enumerate(names):
+            d = by_name.get(name)
+            if d is None:
+                continue
+            ys.append(i - 0.4 + step * (k + 0.5))
+            xs.append(100 * d["diff"])
+            lo.append(100 * (d["diff"] - d["ci95"][0]))
+            hi.append(100 * (d["ci95"][1] - d["diff"]))
+        ax.errorbar(xs, ys, xerr=[lo, hi], fmt="o", ms=3, capsize=2, color=_colour(k),
+                    label=f"{arm} − {ref}")
+    ax.axvline(0, color="#888", linewidth=0.8)
+    ax.set_yticks(range(len(names)), [n.split(" (")[0] for n in names], fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("difference (points), paired bootstrap 95% CI")
+    ax.legend(fontsize=7, loc="best")
+    _style_axes(ax)
+    return Plot("Differences between arms with 95% confidence intervals", _png(fig, dpi))
+
+
 SECTIONS: tuple[Callable[[ReportContext], Section], ...] = (
     accuracy_section, bias_section, perturb_section, bon_section, audit_section)
 
@@ -955,15 +1025,17 @@ class ReportPaths:
 
 
 def build_report(runs: Sequence[Run], out_dir: Path,
-                 options: ReportOptions | None = None) -> ReportPaths:
+                 options: ReportOptions | None = None,
+                 leading: Sequence[Section] = ()) -> ReportPaths:
     """Write ``out_dir/report.html`` (self-contained, with plots) and ``out_dir/report.md``
-    (the same tables) for every model of ``runs`` (from :func:`collect_runs`)."""
+    (the same tables) for every model of ``runs`` (from :func:`collect_runs`); ``leading``
+    sections (an experiment's arms) come first."""
     options = options or ReportOptions()
     models = [m for r in runs for m in r.models]
     if not models:
         raise ValueError("no models to report on: no run, or runs without result files")
     ctx = ReportContext(models, {m.label: _colour(i) for i, m in enumerate(models)}, options)
-    sections = [make(ctx) for make in SECTIONS]
+    sections = [*leading, *(make(ctx) for make in SECTIONS)]
     generated = options.generated_at or datetime.now(UTC)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from crome.doctor import FAIL, OK, WARN, Check, DoctorOptions, check_data, exit_
 ROWS = ("python", "torch", "transformers", "threads", "bf16 autocast", "cpu",
         "llama.cpp build", "llama.cpp runs", "oracle model", "backbone", "data folder",
         "data: hh-rlhf/helpful-base", "data: hh-rlhf/helpful-online", "data: llmbar",
-        "data: xstest", "data: gsm8k", "data: rewardbench/filtered.jsonl.gz",
+        "data: xstest", "data: gsm8k", "data: rewardbench",
         "data: humaneval/HumanEval.jsonl.gz", "chromium", "disk")
 
 
@@ -73,7 +73,7 @@ def test_data_rows_count_records(tmp_path):
     rows = {c.name: c for c in check_data(DoctorOptions())}
     assert rows["data folder"].status == OK
     assert rows["data: llmbar/Natural"].detail == "100 pairs"
-    assert rows["data: rewardbench/filtered.jsonl.gz"].detail == "2985 records"
+    assert rows["data: rewardbench"].detail.startswith("2985 pairs")
 
 
 def test_exit_code_counts_only_failures():

@@ -116,3 +116,43 @@ def headline(outcomes_by_set: Mapping[str, Sequence[PairOutcome]]) -> dict[str, 
 
 def slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+
+
+def results_table(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``{row: {scorer: value}}``: accuracy rows (ties wrong), then bias figures."""
+    rows: dict[str, dict[str, Any]] = {}
+    for scorer, res in results.items():
+        for label, cell in res["headline"].items():
+            rows.setdefault(f"{label} (n={cell['n']})", {})[scorer] = cell["accuracy"]
+        for set_name, summ in res["sets"].items():
+            rb = summ.get("rewardbench")
+            if rb:
+                for section, value in rb["sections"].items():
+                    rows.setdefault(f"RewardBench {section} (partial: {set_name})",
+                                    {})[scorer] = value
+        hb = res["sets"].get("hh-rlhf/helpful-base")
+        if hb:
+            lb = hb["length_bias"]
+            rows.setdefault("helpful-base: acc. where rejected is longer", {})[scorer] = \
+                lb["accuracy_rejected_longer"]
+            rows.setdefault("helpful-base: Spearman(reward, length)", {})[scorer] = \
+                lb["spearman"]
+    return rows
+
+
+def markdown_table(table: dict[str, dict[str, Any]]) -> str:
+    scorers = list(dict.fromkeys(s for row in table.values() for s in row))
+    lines = ["| held-out set | " + " | ".join(scorers) + " |",
+             "|---|" + "---:|" * len(scorers)]
+    for label, row in table.items():
+        cells = []
+        for s in scorers:
+            v = row.get(s)
+            if v is None:
+                cells.append("–")
+            elif "Spearman" in label:
+                cells.append(f"{v:+.2f}")
+            else:
+                cells.append(f"{100 * v:.1f}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,154 @@
+"""``crome experiment`` (and ``crome quickstart``, its smallest preset)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from crome.data.schema import PairRecord
+from crome.experiment import (
+    ARMS,
+    PRESETS,
+    Augmented,
+    arm_data,
+    comparisons,
+    preset_options,
+    results_markdown,
+)
+
+
+def _rec(i: int, recipe: str = "", label: str = "chosen") -> PairRecord:
+    return PairRecord(id=f"{recipe or 'orig'}/{i}", prompt=f"q{i}", chosen=f"a{i}",
+                      rejected=f"b{i}", label=label,  # type: ignore[arg-type]
+                      provenance={"recipe": recipe} if recipe else {})
+
+
+@pytest.fixture
+def pools():
+    originals = [_rec(i) for i in range(10)]
+    causal = [_rec(i, "causal") for i in range(6)]
+    neutral = [_rec(i, "neutral", "tie") for i in range(20)]
+    rrm = [_rec(i, "rrm") for i in range(30)]
+    kept = causal[:4] + neutral[:12]
+    return originals, Augmented(causal, neutral, rrm, kept)
+
+
+def test_each_arm_adds_its_own_share_of_the_augmented_pairs(pools):
+    originals, aug = pools
+    sizes = {arm: len(arm_data(arm, originals, aug, 0)) - len(originals) for arm in ARMS}
+    assert sizes == {"vanilla": 0, "rrm": 30, "causal-only": 4, "neutral-only": 12,
+                     "crome": 16, "crome-nofilter": 26}
+    for arm in ARMS:
+        assert arm_data(arm, originals, aug, 0)[:10] == originals
+
+
+def test_the_tie_sweep_samples_r_times_the_kept_causal_pairs(pools):
+    originals, aug = pools
+    two = arm_data("crome-ties-2x", originals, aug, seed=0)[10:]
+    assert sum(r.label == "tie" for r in two) == 8 and sum(r.label != "tie" for r in two) == 4
+    # capped by what the filter kept; seeded
+    assert len(arm_data("crome-ties-9x", originals, aug, 0)) == 10 + 4 + 12
+    assert arm_data("crome-ties-2x", originals, aug, 0) == \
+        arm_data("crome-ties-2x", originals, aug, 0)
+
+
+def test_presets_and_overrides():
+    quick = preset_options("quickstart")
+    assert quick.arms == ("vanilla", "crome") and len(quick.seeds) >= 3
+    assert quick.output_dir == "runs/quickstart"
+    std = preset_options("standard", seeds=(5, 6, 7), max_train=None)
+    assert set(std.arms) == set(ARMS) and std.seeds == (5, 6, 7)
+    assert std.max_train == PRESETS["standard"]["max_train"]  # None means "the preset's"
+    assert std.all_arms[-len(std.tie_ratios):] == [f"crome-ties-{r:g}x" for r in std.tie_ratios]
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset_options("huge")
+    with pytest.raises(ValueError, match="unknown arm"):
+        preset_options(arms=("vanilla", "magic"))
+    with pytest.raises(ValueError, match="vanilla arm is required"):
+        preset_options(arms=("crome",))
+    with pytest.raises(ValueError, match="distinct"):
+        preset_options(seeds=(1, 1))
+
+
+def test_comparisons_are_those_whose_arms_ran():
+    assert comparisons(["vanilla", "crome"]) == [("crome", "vanilla")]
+    full = comparisons([*ARMS, "crome-ties-1x"])
+    assert ("crome", "rrm") in full and ("causal-only", "crome") in full
+    assert full[-1] == ("crome-ties-1x", "crome")
+
+
+def test_results_markdown_shows_means_and_intervals():
+    results = {
+        "arms": {"vanilla": "", "crome": ""}, "options": {"seeds": [0, 1, 2]},
+        "figures": {"acc (n=4)": {"scale": 100.0, "arms": {"vanilla": {"mean": 0.5},
+                                                           "crome": {"mean": 0.625}}}},
+        "differences": [{"figure": "acc (n=4)", "arm": "crome", "reference": "vanilla",
+                         "diff": 0.125, "ci95": [-0.05, 0.3], "replicates": 1000}]}
+    text = results_markdown(results)
+    assert "| acc (n=4) | 50.0 | 62.5 |" in text
+    assert "| acc (n=4) | +12.5 [-5.0, +30.0] |" in text
+
+
+def test_help_documents_arms_seeds_and_presets(helpers):
+    proc = helpers.run_cli("experiment", "--help")
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())
+    for word in [*ARMS, *PRESETS, "--seeds", "--tie-ratios", "crome-ties-<r>x"]:
+        assert word in text, word
+
+
+@pytest.mark.slow
+def test_quickstart_runs_arms_and_seeds_and_resumes(helpers, tmp_path):
+    """The quickstart preset, small, with the packaged local oracle; a second run of the same
+    command finds every stage done."""
+    out = tmp_path / "qs"
+    args = ("quickstart", "--out", out, "--max-train", "40", "--max-eval", "4",
+            "--augment-pairs", "2", "--neutral-pairs", "12", "--tau", "0.99", "--seeds", "0,1",
+            "--arms", "vanilla,rrm,crome", "--no-rewardbench", "--perturb-eval", "2",
+            "--bon-questions", "6", "--audit-probes", "4", "--bootstrap", "200",
+            "--no-progress")
+    proc = helpers.run_cli(*args, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    for n in range(1, 10):
+        assert f"[{n}/9]" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    aug = results["augment"]
+    assert aug["causal"]["tasks"] == 2 * 2  # 2 pairs × 1 attribute × 2 directions
+    assert aug["causal"]["n_produced"] + aug["causal"]["n_failed"] == 4
+    assert aug["causal"]["oracle"].startswith("llamacpp:")
+    n_causal = aug["causal"]["n_produced"]
+    assert aug["neutral"]["n_produced"] == 12 + n_causal
+    f = aug["filter"]
+    assert f["kept"] + f["dropped"] == n_causal + aug["neutral"]["n_produced"]
+    train = results["train"]
+    for seed in ("0", "1"):
+        assert train["vanilla"][seed]["pairs"] == 40
+        assert train["crome"][seed]["pairs"] == 40 + f["kept"]
+        assert train["rrm"][seed]["pairs"] == 40 + aug["rrm"]["n_produced"]
+    figures = results["figures"]
+    assert any(name.startswith("GSM8K best-of-16") for name in figures)
+    assert any(name.startswith("perturbations, both sides") for name in figures)
+    for fig in figures.values():
+        assert set(fig["arms"]) == {"vanilla", "rrm", "crome"}
+        for cell in fig["arms"].values():
+            assert len(cell["per_seed"]) == 2
+            assert cell["mean"] == pytest.approx(sum(cell["per_seed"]) / 2)
+    pairs = {(d["arm"], d["reference"]) for d in results["differences"]}
+    assert pairs == {("crome", "vanilla"), ("crome", "rrm"), ("rrm", "vanilla")}
+    for d in results["differences"]:
+        assert d["ci95"][0] <= d["ci95"][1]
+        assert d["replicates"] == 200 and d["seeds"] == 2
+    md = (out / "results.md").read_text()
+    assert "crome − vanilla" in md
+    html = (out / "report" / "report.html").read_text()
+    assert "Experiment: arms and confidence intervals" in html and "crome" in html
+    for kind in ("results", "perturb", "bon", "audit"):
+        for name in ("longer-wins", "vanilla", "crome"):
+            assert (out / "seed-0" / "eval" / f"{kind}-{name}.json").exists(), (kind, name)
+        assert (out / "seed-1" / "eval" / f"{kind}-rrm.json").exists()
+    again = helpers.run_cli(*args, timeout=1800)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "training on" not in again.stdout + again.stderr
+    assert "(0 done by an earlier run)" not in again.stdout
+    assert json.loads((out / "results.json").read_text())["figures"] == figures
