@@ -4,8 +4,10 @@
   the chosen answer along that attribute only (``chosen ≻ degraded``) and *upgrades* the
   rejected one (``upgraded ≻ rejected``), keeping length, tone and format. Each rewrite must
   pass :func:`check_rewrite` (did it change? too much? did the oracle echo its instructions,
-  the prompt, or comment on its edit?); up to ``candidates`` samples are tried, the first
-  passing one is kept, every rejection is counted by reason.
+  the prompt, or comment on its edit?) and then the oracle's own check, a separate cached
+  request (:mod:`crome.validate`): did the attribute move the stated way, and nothing else?
+  Up to ``candidates`` samples are tried, the first passing one is kept, every rejection is
+  counted by reason; rewrites the check rejected stay, with its verdict, in the failures file.
 * ``neutral``: Irrelevant Query Neutrals. A pair's two answers re-attached to an unrelated
   prompt (embedding similarity below a threshold), labelled ``tie``. No LLM.
 * ``rrm``: the RRM baseline (Liu et al., 2024). Under prompt x, either answer written for x
@@ -42,6 +44,7 @@ from crome.oracle.base import (
     oracle_name,
 )
 from crome.rubrics import Attribute, Rubric, neutralise_tags, render_conversation
+from crome.validate import Verdict, validation_request, verdict_of
 
 RECIPES = ("causal", "neutral", "rrm")
 DIRECTIONS = ("degrade", "upgrade")
@@ -70,6 +73,9 @@ class AugmentOptions:
     max_new_tokens: int = 512
     batch_size: int = 8  # rewrite tasks sent to the oracle together
     guards: GuardOptions = field(default_factory=GuardOptions)
+    # the oracle's check of each rewrite (crome.validate); rules' exact edits skip it
+    validate: bool = True
+    reject_other_changes: bool = True
     # neutral and rrm
     max_prompt_similarity: float = 0.2
     neutrals_per_pair: int = 1
@@ -88,6 +94,7 @@ class AugmentReport:
     rejections: Counter[str] = field(default_factory=Counter)  # every rejected candidate
     skipped: Counter[str] = field(default_factory=Counter)  # parents that got no task
     oracle_errors: Counter[str] = field(default_factory=Counter)
+    validation: Counter[str] = field(default_factory=Counter)  # verdicts on rewrites, by reason
     seconds: float = 0.0
 
     @property
@@ -115,6 +122,8 @@ class AugmentReport:
             parts.append("skipped parents: " + _fmt(self.skipped))
         if self.rejections:
             parts.append("rejected candidates: " + _fmt(self.rejections))
+        if self.validation:
+            parts.append("validation verdicts: " + _fmt(self.validation))
         if self.oracle_errors:
             parts.append("oracle errors: " + _fmt(self.oracle_errors))
         return "; ".join(parts)
@@ -375,6 +384,7 @@ def _run_batch(batch: list[RewriteTask], oracle: Oracle, name: str, embedder: An
                opts: AugmentOptions, report: AugmentReport, out: ResumableJsonl,
                failed: ResumableJsonl) -> None:
     reasons: dict[str, list[str]] = {t.id: [] for t in batch}
+    judged: dict[str, list[dict[str, Any]]] = {t.id: [] for t in batch}  # rejected by validation
     final: set[str] = set()  # the oracle said no sample will do: no retry
     exact = oracle.backend == "rules"
     pending = list(batch)
@@ -404,33 +414,67 @@ def _run_batch(batch: list[RewriteTask], oracle: Oracle, name: str, embedder: An
             [t.source_answer for t in survivors],
             [texts[t.id] for t in survivors]))) if survivors else {}
         still: list[RewriteTask] = []
+        guarded: list[RewriteTask] = []
         for task in pending:
             if task.id not in texts:
                 if task.id not in final:
                     still.append(task)
                 continue
-            sim = float(sims[task.id])
             # A rule's edit is exact by construction (one number changed): the similarity
             # bounds, which catch an LLM's no-op or runaway edits, do not apply to it.
-            reason = None if exact else similarity_reason(sim, opts.guards)
+            reason = None if exact else similarity_reason(float(sims[task.id]), opts.guards)
             if reason:
                 reasons[task.id].append(reason)
                 report.rejections[reason] += 1
                 still.append(task)
                 continue
+            guarded.append(task)
+        verdicts = _validate(guarded, texts, oracle, opts, report) \
+            if opts.validate and not exact else {}
+        for task in guarded:
+            verdict = verdicts.get(task.id)
+            if verdict is not None and not verdict.passed:
+                reasons[task.id].append(verdict.reason)
+                report.rejections[verdict.reason] += 1
+                judged[task.id].append({"rewrite": texts[task.id], **verdict.to_dict()})
+                still.append(task)
+                continue
             rewrite = texts[task.id]
-            rec = _derived(task, rewrite, name, {
-                "candidate": candidate, "similarity": round(sim, 4),
-                "length_ratio": round(len(rewrite) / max(1, len(task.source_answer)), 3)})
-            out.write(rec.to_dict())
+            extra: dict[str, Any] = {
+                "candidate": candidate, "similarity": round(float(sims[task.id]), 4),
+                "length_ratio": round(len(rewrite) / max(1, len(task.source_answer)), 3)}
+            if verdict is not None:
+                extra["validation"] = verdict.to_dict()
+            out.write(_derived(task, rewrite, name, extra).to_dict())
             report.produced[task.key] += 1
         pending = still
     for task in pending + [t for t in batch if t.id in final]:
         last = reasons[task.id][-1] if reasons[task.id] else "no_candidate"
         failed.write({"id": task.id, "parent_id": task.parent.id,
                       "attribute": task.attribute.name, "direction": task.direction,
-                      "reason": last, "reasons": reasons[task.id], "oracle": name})
+                      "reason": last, "reasons": reasons[task.id], "oracle": name,
+                      **({"rejected_by_validation": judged[task.id]} if judged[task.id] else {})})
         report.failed[f"{task.key}: {last}"] += 1
+
+
+def _validate(tasks: list[RewriteTask], texts: dict[str, str], oracle: Oracle,
+              opts: AugmentOptions, report: AugmentReport) -> dict[str, Verdict]:
+    """The oracle's verdict on each guarded rewrite (one batch of cached requests). A failed
+    request is a transient ``oracle_error`` verdict: the task is tried again by a later run."""
+    if not tasks:
+        return {}
+    requests = [validation_request(t.parent.prompt, t.source_answer, texts[t.id], t.attribute,
+                                   t.direction, t.id, opts.seed) for t in tasks]
+    verdicts: dict[str, Verdict] = {}
+    for task, req, resp in zip(tasks, requests, oracle.generate(requests)):
+        verdict = verdict_of(resp, task.direction, req.task_dict["rewrite_first"],
+                             opts.reject_other_changes)
+        if verdict is None:
+            report.oracle_errors[(resp.error or "unknown")[:80]] += 1
+            verdict = Verdict("oracle_error")
+        report.validation[verdict.reason] += 1
+        verdicts[task.id] = verdict
+    return verdicts
 
 
 # --------------------------------------------------------------------------- neutral and rrm

@@ -101,6 +101,7 @@ def test_causal_rules_on_gsm8k(tmp_path, embedder):
     assert json.loads(json.dumps(report.to_dict()))["n_produced"] == len(pairs)
     by_id = {r.id: r for r in recs}
     assert len(pairs) == len(recs)  # rules: exactly the correctness degrades
+    assert not report.validation  # an exact rule needs no judge
     for p in pairs:
         parent = by_id[p.provenance["parent_id"]]
         assert set(PROVENANCE_KEYS) <= set(p.provenance)

@@ -67,6 +67,15 @@ def test_cli_rubrics_and_causal_through_the_server(llama_server, helpers, tmp_pa
     for p in made:
         assert p.provenance["oracle"] == f"openai:{llama_server.alias}"
         assert p.provenance["direction"] in ("degrade", "upgrade")
+        # every produced pair passed the oracle's check, which saw the rewrite
+        assert p.provenance["validation"]["reason"] == "passed"
+        better = p.provenance["validation"]["better"]
+        assert better == ("original" if p.provenance["direction"] == "degrade" else "rewrite")
+    for row in map(json.loads, failed):
+        for judged in row.get("rejected_by_validation", []):
+            assert judged["reason"].startswith("validation_") and judged["rewrite"]
+    if made:
+        assert "validation verdicts: passed" in proc.stdout
 
     # the same command again: everything from the output file, no call to the server
     again = helpers.run_cli(*args)
