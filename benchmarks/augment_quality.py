@@ -1,10 +1,13 @@
-"""How many causal rewrites of the oracle pass the guards, per attribute and direction.
+"""How many causal rewrites of the oracle pass the guards and its own validation, per
+attribute and direction.
 
 On N held-out pairs (hh-rlhf helpful-base, short answers), the oracle writes rubrics and then
-causal rewrites (first ``--attributes`` attributes, both directions). Reported per
-attribute/direction: the fraction of first candidates that pass the guards, the fraction of
-tasks that end with a pair (after ``--candidates`` samples), the rejection reasons, and
-``--examples`` examples of each kind (the original and the rewrite) for a human to read.
+causal rewrites (first ``--attributes`` attributes, both directions), each checked by the
+oracle in both orders (crome.validate; ``--no-validate`` skips it). Reported per
+attribute/direction: the fraction of first candidates that pass, the yield before validation
+(tasks with a rewrite that passed the text guards) and after it (tasks that end with a pair),
+the rejection reasons and validation verdicts, and ``--examples`` examples of kept and of
+validation-rejected rewrites (the original and the rewrite) for a human to read.
 
     python benchmarks/augment_quality.py --pairs 50                       # packaged 1.5B model
     python benchmarks/augment_quality.py --oracle openai:http://127.0.0.1:8000/v1 --oracle-model M
@@ -38,6 +41,7 @@ def main() -> None:
     ap.add_argument("--oracle", default="llamacpp")
     ap.add_argument("--oracle-model", default="")
     ap.add_argument("--examples", type=int, default=5)
+    ap.add_argument("--no-validate", dest="validate", action="store_false")
     ap.add_argument("--fallback-rubrics", action="store_true",
                     help="skip the oracle's rubrics: every pair gets the fallback attributes "
                          "(saves one oracle call per prompt)")
@@ -58,7 +62,8 @@ def main() -> None:
     rub = make_rubrics(records, rubric_oracle, out / "rubrics.jsonl")
     t_rub = time.perf_counter() - t0
     print(rub.summary())
-    opts = AugmentOptions(attributes_per_pair=args.attributes, candidates=args.candidates)
+    opts = AugmentOptions(attributes_per_pair=args.attributes, candidates=args.candidates,
+                          validate=args.validate)
     t0 = time.perf_counter()
     rep = augment(records, out / "causal.jsonl", opts, oracle=oracle,
                   rubrics=read_rubrics(out / "rubrics.jsonl"))
@@ -87,11 +92,21 @@ def main() -> None:
         new = p.rejected if p.provenance["direction"] == "degrade" else p.chosen
         if len(examples[key]) < args.examples:
             examples[key].append((p.id, source, new))
+    guarded: Counter[str] = Counter(produced)  # tasks with a rewrite past the text guards
+    rejected: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
     for f in fails:
         key = f"{f['attribute']}/{f['direction']}"
         tasks[key] += 1
         for r in f["reasons"]:
             reasons[key][r] += 1
+        judged = f.get("rejected_by_validation", [])
+        guarded[key] += bool(judged)
+        parent = by_id[f["parent_id"]]
+        source = parent.chosen if f["direction"] == "degrade" else parent.rejected
+        for j in judged[:1]:
+            if len(rejected[key]) < args.examples:
+                rejected[key].append((f"{f['id']} ({j['reason']}, better: {j['better']})",
+                                      source, j["rewrite"]))
     for p in pairs:
         key = f"{p.provenance['attribute']}/{p.provenance['direction']}"
         if p.provenance["candidate"] > 0:
@@ -99,27 +114,38 @@ def main() -> None:
 
     print(f"\nrubrics {t_rub:.0f} s, rewrites {t_aug:.0f} s "
           f"({rep.tasks} tasks, {t_aug / max(1, rep.tasks):.1f} s per task)")
-    print(f"{'attribute/direction':40} {'tasks':>6} {'1st pass':>9} {'produced':>9}  reasons")
+    print(f"{'attribute/direction':40} {'tasks':>6} {'1st pass':>9} {'guarded':>8} "
+          f"{'validated':>9}  reasons")
     rows = {}
     for key in sorted(tasks, key=lambda k: -tasks[k]):
         n = tasks[key]
         rows[key] = {"tasks": n, "first_candidate_pass": first_pass[key] / n,
-                     "produced": produced[key] / n, "reasons": dict(reasons[key])}
-        print(f"{key:40} {n:6d} {first_pass[key] / n:9.0%} {produced[key] / n:9.0%}  "
+                     "guarded": guarded[key] / n, "produced": produced[key] / n,
+                     "reasons": dict(reasons[key])}
+        print(f"{key:40} {n:6d} {first_pass[key] / n:9.0%} {guarded[key] / n:8.0%} "
+              f"{produced[key] / n:9.0%}  "
               + ", ".join(f"{r} {c}" for r, c in reasons[key].most_common()))
     total = sum(tasks.values())
     print(f"{'all':40} {total:6d} {sum(first_pass.values()) / max(1, total):9.0%} "
+          f"{sum(guarded.values()) / max(1, total):8.0%} "
           f"{sum(produced.values()) / max(1, total):9.0%}")
-    for key, exs in examples.items():
-        print(f"\n=== {key}: {len(exs)} examples")
-        for pid, src, new in exs:
-            print(f"--- {pid}\n  before: " + textwrap.shorten(src, 400)
-                  + "\n  after:  " + textwrap.shorten(new, 400))
+    print("guarded: a rewrite passed the text guards (yield before validation); validated: "
+          "the task ended with a pair (after)" if args.validate else
+          "validation off: guarded = validated")
+    print(f"validation verdicts: {dict(rep.validation.most_common())}")
+    for title, groups in (("kept", examples), ("rejected by validation", rejected)):
+        for key, exs in groups.items():
+            print(f"\n=== {key}: {len(exs)} {title}")
+            for pid, src, new in exs:
+                print(f"--- {pid}\n  before: " + textwrap.shorten(src, 400)
+                      + "\n  after:  " + textwrap.shorten(new, 400))
     (out / "summary.json").write_text(json.dumps({
         "pairs": len(records), "tasks": total, "rubric_seconds": t_rub,
         "rewrite_seconds": t_aug, "by_kind": rows, "rubrics": {"ok": rub.ok,
                                                                 "fallback": rub.fallback},
         "first_candidate_pass": sum(first_pass.values()) / max(1, total),
+        "guarded": sum(guarded.values()) / max(1, total),
+        "validation": dict(rep.validation), "validate": args.validate,
         "produced": sum(produced.values()) / max(1, total)}, indent=2) + "\n")
 
 

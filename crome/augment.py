@@ -4,8 +4,8 @@
   the chosen answer along that attribute only (``chosen ≻ degraded``) and *upgrades* the
   rejected one (``upgraded ≻ rejected``), keeping length, tone and format. Each rewrite must
   pass :func:`check_rewrite` (did it change? too much? did the oracle echo its instructions,
-  the prompt, or comment on its edit?) and then the oracle's own check, a separate cached
-  request (:mod:`crome.validate`): did the attribute move the stated way, and nothing else?
+  the prompt, or comment on its edit?) and then the oracle's own check, in separate cached
+  requests (:mod:`crome.validate`): did the attribute move the stated way, and nothing else?
   Up to ``candidates`` samples are tried, the first passing one is kept, every rejection is
   counted by reason; rewrites the check rejected stay, with its verdict, in the failures file.
 * ``neutral``: Irrelevant Query Neutrals. A pair's two answers re-attached to an unrelated
@@ -44,7 +44,7 @@ from crome.oracle.base import (
     oracle_name,
 )
 from crome.rubrics import Attribute, Rubric, neutralise_tags, render_conversation
-from crome.validate import Verdict, validation_request, verdict_of
+from crome.validate import Verdict, validation_requests, verdict_of
 
 RECIPES = ("causal", "neutral", "rrm")
 DIRECTIONS = ("degrade", "upgrade")
@@ -459,18 +459,21 @@ def _run_batch(batch: list[RewriteTask], oracle: Oracle, name: str, embedder: An
 
 def _validate(tasks: list[RewriteTask], texts: dict[str, str], oracle: Oracle,
               opts: AugmentOptions, report: AugmentReport) -> dict[str, Verdict]:
-    """The oracle's verdict on each guarded rewrite (one batch of cached requests). A failed
-    request is a transient ``oracle_error`` verdict: the task is tried again by a later run."""
+    """The oracle's verdict on each guarded rewrite (two cached requests each, one batch). A
+    failed request is a transient ``oracle_error``: the task is tried again by a later run."""
     if not tasks:
         return {}
-    requests = [validation_request(t.parent.prompt, t.source_answer, texts[t.id], t.attribute,
-                                   t.direction, t.id, opts.seed) for t in tasks]
+    requests = [r for t in tasks for r in validation_requests(
+        t.parent.prompt, t.source_answer, texts[t.id], t.attribute, t.direction, opts.seed)]
+    responses = oracle.generate(requests)
     verdicts: dict[str, Verdict] = {}
-    for task, req, resp in zip(tasks, requests, oracle.generate(requests)):
-        verdict = verdict_of(resp, task.direction, req.task_dict["rewrite_first"],
-                             opts.reject_other_changes)
+    for i, task in enumerate(tasks):
+        pair = responses[2 * i:2 * i + 2]
+        verdict = verdict_of(pair, task.direction, opts.reject_other_changes)
         if verdict is None:
-            report.oracle_errors[(resp.error or "unknown")[:80]] += 1
+            for resp in pair:
+                if not resp.ok:
+                    report.oracle_errors[(resp.error or "unknown")[:80]] += 1
             verdict = Verdict("oracle_error")
         report.validation[verdict.reason] += 1
         verdicts[task.id] = verdict

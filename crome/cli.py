@@ -374,6 +374,11 @@ def augment_cmd(
         help="causal: degrade and/or upgrade (default both)")] = None,
     candidates: Annotated[int, typer.Option(help="causal: samples tried per rewrite")] = 2,
     batch_size: Annotated[int, typer.Option(help="causal: rewrites sent together")] = 8,
+    validate: Annotated[bool, typer.Option(
+        "--validate/--no-validate", help="causal: the oracle checks each rewrite (both "
+        "orders; see crome.validate)")] = True,
+    allow_other_changes: Annotated[bool, typer.Option(
+        help="causal: keep a validated rewrite even if the judge saw other changes")] = False,
     max_similarity: Annotated[float, typer.Option(
         "--max-prompt-similarity", help="neutral/rrm: cosine bound for an unrelated prompt")] = 0.2,
     seed: int = 0,
@@ -393,7 +398,8 @@ def augment_cmd(
     records = _load(data, data_dir, limit, skip_invalid)
     opts = AugmentOptions(recipe=recipe, seed=seed, attributes_per_pair=attributes,
                           directions=tuple(direction or ("degrade", "upgrade")),
-                          candidates=candidates, batch_size=batch_size,
+                          candidates=candidates, batch_size=batch_size, validate=validate,
+                          reject_other_changes=not allow_other_changes,
                           max_prompt_similarity=max_similarity)
     orc = None
     rubric_map = None
@@ -541,6 +547,8 @@ def experiment_cmd(
     attributes: Annotated[int | None, typer.Option(help="Rubric attributes per pair")] = None,
     neutral_pairs: Annotated[int | None, typer.Option(help="Original pairs made neutral")] = None,
     tau: Annotated[float | None, typer.Option(help="Filter: keep P(label) < tau")] = None,
+    validate: Annotated[bool | None, typer.Option(
+        "--validate/--no-validate", help="The oracle checks each causal rewrite")] = None,
     rewardbench: Annotated[bool | None, typer.Option(
         "--rewardbench/--no-rewardbench", help="Evaluate on the full RewardBench")] = None,
     perturb_eval: Annotated[int | None, typer.Option(
@@ -576,7 +584,8 @@ def experiment_cmd(
         seeds=_csv(seeds, int), tie_ratios=_csv(tie_ratios, float), max_length=max_length,
         epochs=epochs, lr=lr, tie_weight=tie_weight, oracle=oracle, oracle_model=oracle_model,
         cache=cache, augment_pairs=augment_pairs, attributes_per_pair=attributes,
-        neutral_pairs=neutral_pairs, tau=tau, rewardbench=rewardbench, perturb_eval=perturb_eval,
+        neutral_pairs=neutral_pairs, tau=tau, validate=validate, rewardbench=rewardbench,
+        perturb_eval=perturb_eval,
         bon_questions=bon_questions, audit_probes=audit_probes, bootstrap=bootstrap,
         progress=progress)
     # 0 means "all" for the data limits, which None cannot say (it means "the preset's").

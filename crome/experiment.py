@@ -116,6 +116,7 @@ class ExperimentOptions:
     augment_max_chars: int = 600
     attributes_per_pair: int = 1
     candidates: int = 2
+    validate: bool = True  # the oracle checks each causal rewrite (crome.validate)
     neutral_pairs: int = 300
     tau: float = 0.95
     # evaluation (held-out data only)
@@ -265,7 +266,7 @@ def augmentation(originals: list[PairRecord], subset: list[PairRecord], baseline
             subset, aug / "causal.jsonl",
             AugmentOptions(recipe="causal", seed=opts.data_seed,
                            attributes_per_pair=opts.attributes_per_pair,
-                           candidates=opts.candidates),
+                           candidates=opts.candidates, validate=opts.validate),
             oracle=oracle, rubrics=read_rubrics(aug / "rubrics.jsonl"), progress=tick)
     finally:
         bar.close()

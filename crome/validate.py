@@ -2,25 +2,25 @@
 
 A rewrite that passes the text guards of :mod:`crome.augment` has changed, by a plausible
 amount; it has not necessarily changed what was asked. The Crome paper checks its augmented
-pairs; crome asks the oracle, in a separate (cached) request, two questions about the
-original reply and its rewrite, shown as "Reply A" and "Reply B" in an order drawn from the
-task's id (small judges favour one position; a fixed order would turn that bias into
-verdicts):
+pairs; crome asks the oracle, in separate (cached) requests, two questions about the original
+reply and its rewrite, shown as "Reply A" and "Reply B":
 
 1. which reply is better in the attribute (A, B or same);
 2. whether they differ in anything else (length, tone, format, other content).
 
-A rewrite is kept when the better reply is the one the direction says (the original for a
-degradation, the rewrite for an upgrade) and, with ``reject_other_changes``, when nothing
-else changed. Every verdict is counted by reason; a rejected candidate makes way for the next
-sample, as a guard rejection does, and a task whose candidates all fail goes to the failures
-file with its reasons.
+Small judges favour a position: the packaged 1.5B model answered "A" in 17 of 18 trials
+whatever the replies were. So the question is asked in **both orders**, and a verdict counts
+only when the two answers name the same reply. A rewrite is kept when that reply is the one
+the direction says (the original for a degradation, the rewrite for an upgrade) and, with
+``reject_other_changes``, when neither answer saw other changes. Every verdict is counted by
+reason; a rejected candidate makes way for the next sample, as a guard rejection does, and a
+task whose candidates all fail goes to the failures file with its reasons.
 """
 
 from __future__ import annotations
 
-import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from crome.data.schema import Prompt, prompt_text
@@ -58,6 +58,7 @@ _OTHER = re.compile(r"other(?: changes?)?\s*[:=]\s*\**\s*(yes|no)\b", re.IGNOREC
 
 # Verdict reasons, counted in AugmentReport.validation.
 PASSED = "passed"
+INCONSISTENT = "validation_inconsistent"  # the two orders named different replies
 WRONG_DIRECTION = "validation_wrong_direction"
 NOT_MOVED = "validation_not_moved"
 OTHER_CHANGES = "validation_other_changes"
@@ -65,73 +66,87 @@ UNPARSEABLE = "validation_unparseable"
 
 
 @dataclass(frozen=True)
+class Answer:
+    """One order's answer: the better reply ("original", "rewrite", "same") and whether it
+    saw other changes; ``None`` where the text did not say."""
+
+    better: str | None
+    other_changes: bool | None
+
+
+@dataclass(frozen=True)
 class Verdict:
-    """The oracle's answer about one rewrite; ``reason`` is :data:`PASSED` or why not."""
+    """The oracle's verdict on one rewrite; ``reason`` is :data:`PASSED` or why not."""
 
     reason: str
-    better: str | None = None  # "original", "rewrite" or "same"
-    other_changes: bool | None = None
-    rewrite_first: bool = False
+    answers: tuple[Answer, ...] = ()
 
     @property
     def passed(self) -> bool:
         return self.reason == PASSED
 
     def to_dict(self) -> dict[str, object]:
-        return {"reason": self.reason, "better": self.better,
-                "other_changes": self.other_changes, "rewrite_shown_as": "A"
-                if self.rewrite_first else "B"}
+        return {"reason": self.reason,
+                "better": [a.better for a in self.answers],  # rewrite shown second, first
+                "other_changes": [a.other_changes for a in self.answers]}
 
 
-def rewrite_shown_first(task_id: str, seed: int) -> bool:
-    """Whether the rewrite is "Reply A" for this task: a stable coin flip per task."""
-    digest = hashlib.sha256(f"{seed}\0{task_id}\0order".encode()).digest()
-    return digest[0] % 2 == 1
+def validation_requests(prompt: Prompt, original: str, rewrite: str, attribute: Attribute,
+                        direction: str, seed: int = 0) -> list[OracleRequest]:
+    """The two requests about one rewrite: original as A, then rewrite as A."""
+    requests = []
+    for rewrite_first in (False, True):
+        a, b = (rewrite, original) if rewrite_first else (original, rewrite)
+        user = VALIDATE_TEMPLATE.format(
+            conversation=render_conversation(prompt), a=neutralise_tags(a),
+            b=neutralise_tags(b), attribute=attribute.name,
+            description=attribute.description or attribute.name)
+        requests.append(OracleRequest.make(
+            [{"role": "system", "content": VALIDATE_SYSTEM}, {"role": "user", "content": user}],
+            Sampling(temperature=0.0, max_tokens=16, seed=seed),
+            task={"kind": "validate", "attribute": attribute.name, "direction": direction,
+                  "rewrite_first": rewrite_first, "prompt": prompt_text(prompt)}))
+    return requests
 
 
-def validation_request(prompt: Prompt, original: str, rewrite: str, attribute: Attribute,
-                       direction: str, task_id: str, seed: int = 0) -> OracleRequest:
-    first = rewrite_shown_first(task_id, seed)
-    a, b = (rewrite, original) if first else (original, rewrite)
-    user = VALIDATE_TEMPLATE.format(
-        conversation=render_conversation(prompt), a=neutralise_tags(a), b=neutralise_tags(b),
-        attribute=attribute.name, description=attribute.description or attribute.name)
-    return OracleRequest.make(
-        [{"role": "system", "content": VALIDATE_SYSTEM}, {"role": "user", "content": user}],
-        Sampling(temperature=0.0, max_tokens=16, seed=seed),
-        task={"kind": "validate", "attribute": attribute.name, "direction": direction,
-              "rewrite_first": first, "prompt": prompt_text(prompt)})
-
-
-def parse_verdict(text: str, direction: str, rewrite_first: bool,
-                  reject_other_changes: bool = True) -> Verdict:
-    """The verdict on a rewrite from the oracle's two-line answer."""
+def parse_answer(text: str, rewrite_first: bool) -> Answer:
+    """Which reply one answer calls better, in terms of original and rewrite."""
     better_m, other_m = _BETTER.search(text), _OTHER.search(text)
-    if better_m is None:
-        return Verdict(UNPARSEABLE, rewrite_first=rewrite_first)
-    letter = better_m.group(1).lower()
     other = None if other_m is None else other_m.group(1).lower() == "yes"
+    if better_m is None:
+        return Answer(None, other)
+    letter = better_m.group(1).lower()
     if letter == "same":
-        better = "same"
-    else:
-        better = "rewrite" if (letter == "a") == rewrite_first else "original"
-    expected = "original" if direction == "degrade" else "rewrite"
+        return Answer("same", other)
+    return Answer("rewrite" if (letter == "a") == rewrite_first else "original", other)
+
+
+def combine(answers: tuple[Answer, Answer], direction: str,
+            reject_other_changes: bool = True) -> Verdict:
+    """The verdict of the two orders' answers (rewrite second, rewrite first)."""
+    if any(a.better is None for a in answers):
+        return Verdict(UNPARSEABLE, answers)
+    if answers[0].better != answers[1].better:
+        return Verdict(INCONSISTENT, answers)
+    better = answers[0].better
     if better == "same":
-        reason = NOT_MOVED
-    elif better != expected:
-        reason = WRONG_DIRECTION
-    elif other is None and reject_other_changes:
-        reason = UNPARSEABLE
-    elif other and reject_other_changes:
-        reason = OTHER_CHANGES
-    else:
-        reason = PASSED
-    return Verdict(reason, better, other, rewrite_first)
+        return Verdict(NOT_MOVED, answers)
+    if better != ("original" if direction == "degrade" else "rewrite"):
+        return Verdict(WRONG_DIRECTION, answers)
+    if reject_other_changes:
+        if any(a.other_changes is None for a in answers):
+            return Verdict(UNPARSEABLE, answers)
+        if any(a.other_changes for a in answers):
+            return Verdict(OTHER_CHANGES, answers)
+    return Verdict(PASSED, answers)
 
 
-def verdict_of(response: OracleResponse, direction: str, rewrite_first: bool,
+def verdict_of(responses: Sequence[OracleResponse], direction: str,
                reject_other_changes: bool = True) -> Verdict | None:
-    """The verdict, or ``None`` when the oracle failed (an error, not a judgement)."""
-    if not response.ok:
+    """The verdict from the responses to :func:`validation_requests`, or ``None`` when the
+    oracle failed (an error, not a judgement)."""
+    if not all(r.ok for r in responses):
         return None
-    return parse_verdict(response.text or "", direction, rewrite_first, reject_other_changes)
+    first, second = (parse_answer(r.text or "", rewrite_first)
+                     for r, rewrite_first in zip(responses, (False, True)))
+    return combine((first, second), direction, reject_other_changes)

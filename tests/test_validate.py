@@ -7,62 +7,68 @@ import pytest
 from crome.oracle.base import OracleResponse
 from crome.rubrics import Attribute
 from crome.validate import (
+    INCONSISTENT,
     NOT_MOVED,
     OTHER_CHANGES,
     PASSED,
     UNPARSEABLE,
     WRONG_DIRECTION,
-    parse_verdict,
-    rewrite_shown_first,
-    validation_request,
+    parse_answer,
+    validation_requests,
     verdict_of,
 )
 
 ATTR = Attribute("correctness", "The facts and numbers are right.")
 
 
-@pytest.mark.parametrize("text,direction,first,reason,better", [
-    ("better: A\nother changes: no", "degrade", False, PASSED, "original"),
-    ("better: B\nother changes: no", "degrade", True, PASSED, "original"),
-    ("better: B\nother changes: no", "degrade", False, WRONG_DIRECTION, "rewrite"),
-    ("better: A\nother changes: no", "upgrade", True, PASSED, "rewrite"),
-    ("Better: **A**\nOther changes: NO", "upgrade", False, WRONG_DIRECTION, "original"),
-    ("better: same\nother changes: no", "upgrade", True, NOT_MOVED, "same"),
-    ("better: A\nother changes: yes", "degrade", False, OTHER_CHANGES, "original"),
-    ("better: A", "degrade", False, UNPARSEABLE, "original"),
-    ("I think the first one.", "degrade", False, UNPARSEABLE, None),
+def _ok(text: str) -> OracleResponse:
+    return OracleResponse(text=text)
+
+
+@pytest.mark.parametrize("first,second,direction,reason", [
+    # (answer with the original as A, answer with the rewrite as A)
+    ("better: A\nother changes: no", "better: B\nother changes: no", "degrade", PASSED),
+    ("better: B\nother changes: no", "better: A\nother changes: no", "upgrade", PASSED),
+    # a judge that always says "A" names different replies in the two orders
+    ("better: A\nother changes: no", "better: A\nother changes: no", "degrade", INCONSISTENT),
+    ("better: B\nother changes: no", "better: A\nother changes: no", "degrade", WRONG_DIRECTION),
+    ("better: same\nother changes: no", "better: same\nother changes: no", "upgrade",
+     NOT_MOVED),
+    ("better: A\nother changes: yes", "better: B\nother changes: no", "degrade",
+     OTHER_CHANGES),
+    ("better: A", "better: B\nother changes: no", "degrade", UNPARSEABLE),
+    ("I like the first.", "better: B\nother changes: no", "degrade", UNPARSEABLE),
+    ("Better: **A**\nOther changes: NO", "BETTER: B\nother: no", "degrade", PASSED),
 ])
-def test_verdicts(text, direction, first, reason, better):
-    v = parse_verdict(text, direction, first)
-    assert v.reason == reason and v.better == better
+def test_verdicts_need_both_orders_to_agree(first, second, direction, reason):
+    v = verdict_of([_ok(first), _ok(second)], direction)
+    assert v is not None and v.reason == reason
     assert v.passed == (reason == PASSED)
+    assert len(v.to_dict()["better"]) == 2
 
 
 def test_other_changes_can_be_allowed():
-    v = parse_verdict("better: A\nother changes: yes", "degrade", False,
-                      reject_other_changes=False)
-    assert v.passed and v.other_changes is True
-    assert parse_verdict("better: A", "degrade", False, reject_other_changes=False).passed
+    pair = [_ok("better: A\nother changes: yes"), _ok("better: B")]
+    assert verdict_of(pair, "degrade", reject_other_changes=False).passed
+    assert verdict_of(pair, "degrade").reason in (OTHER_CHANGES, UNPARSEABLE)
 
 
-def test_the_order_is_a_stable_coin_flip_per_task():
-    flips = [rewrite_shown_first(f"task{i}", 0) for i in range(200)]
-    assert 70 < sum(flips) < 130  # both orders are used
-    assert flips == [rewrite_shown_first(f"task{i}", 0) for i in range(200)]
+def test_answers_are_read_in_terms_of_original_and_rewrite():
+    assert parse_answer("better: A", rewrite_first=True).better == "rewrite"
+    assert parse_answer("better: A", rewrite_first=False).better == "original"
+    assert parse_answer("better: same\nother changes: yes", True).other_changes is True
 
 
-def test_the_request_shows_the_rewrite_where_the_task_says():
-    for task_id in ("t1", "t2", "t3", "t4"):
-        req = validation_request("Q?", "the original", "the rewrite", ATTR, "degrade", task_id)
-        user = req.message_dicts[-1]["content"]
-        a = user.split("<reply A>")[1].split("</reply A>")[0].strip()
-        first = rewrite_shown_first(task_id, 0)
-        assert a == ("the rewrite" if first else "the original")
-        assert req.task_dict["rewrite_first"] == first
-        assert req.sampling.temperature == 0.0 and "correctness" in user
+def test_the_two_requests_show_each_reply_first_once():
+    reqs = validation_requests("Q?", "the original", "the rewrite", ATTR, "degrade")
+    shown_a = [r.message_dicts[-1]["content"].split("<reply A>")[1].split("</reply A>")[0]
+               .strip() for r in reqs]
+    assert shown_a == ["the original", "the rewrite"]
+    assert [r.task_dict["rewrite_first"] for r in reqs] == [False, True]
+    for r in reqs:
+        assert r.sampling.temperature == 0.0 and "correctness" in r.message_dicts[-1]["content"]
 
 
 def test_an_oracle_failure_is_no_verdict():
-    assert verdict_of(OracleResponse(text=None, error="HTTP 500"), "degrade", True) is None
-    assert verdict_of(OracleResponse(text="better: B\nother changes: no"), "degrade",
-                      True).passed
+    pair = [_ok("better: A\nother changes: no"), OracleResponse(text=None, error="HTTP 500")]
+    assert verdict_of(pair, "degrade") is None
