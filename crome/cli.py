@@ -548,7 +548,11 @@ def experiment_cmd(
     neutral_pairs: Annotated[int | None, typer.Option(help="Original pairs made neutral")] = None,
     tau: Annotated[float | None, typer.Option(help="Filter: keep P(label) < tau")] = None,
     validate: Annotated[bool | None, typer.Option(
-        "--validate/--no-validate", help="The oracle checks each causal rewrite")] = None,
+        "--validate/--no-validate", help="The oracle checks each causal rewrite (default: "
+        "on in the large preset only)")] = None,
+    lookup_tokens: Annotated[int | None, typer.Option(
+        help="llamacpp oracle: prompt-lookup speculative decoding, draft tokens (0 = off)")
+    ] = None,
     rewardbench: Annotated[bool | None, typer.Option(
         "--rewardbench/--no-rewardbench", help="Evaluate on the full RewardBench")] = None,
     perturb_eval: Annotated[int | None, typer.Option(
@@ -584,8 +588,8 @@ def experiment_cmd(
         seeds=_csv(seeds, int), tie_ratios=_csv(tie_ratios, float), max_length=max_length,
         epochs=epochs, lr=lr, tie_weight=tie_weight, oracle=oracle, oracle_model=oracle_model,
         cache=cache, augment_pairs=augment_pairs, attributes_per_pair=attributes,
-        neutral_pairs=neutral_pairs, tau=tau, validate=validate, rewardbench=rewardbench,
-        perturb_eval=perturb_eval,
+        neutral_pairs=neutral_pairs, tau=tau, validate=validate, lookup_tokens=lookup_tokens,
+        rewardbench=rewardbench, perturb_eval=perturb_eval,
         bon_questions=bon_questions, audit_probes=audit_probes, bootstrap=bootstrap,
         progress=progress)
     # 0 means "all" for the data limits, which None cannot say (it means "the preset's").

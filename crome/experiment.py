@@ -116,7 +116,10 @@ class ExperimentOptions:
     augment_max_chars: int = 600
     attributes_per_pair: int = 1
     candidates: int = 2
-    validate: bool = True  # the oracle checks each causal rewrite (crome.validate)
+    # The oracle checks each causal rewrite (crome.validate). Off in the CPU presets: the
+    # packaged 1.5B judge follows the position of the replies, not their content (README).
+    validate: bool = False
+    lookup_tokens: int = 10  # llamacpp: prompt-lookup speculative decoding (0 = off)
     neutral_pairs: int = 300
     tau: float = 0.95
     # evaluation (held-out data only)
@@ -168,6 +171,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_train": None, "augment_pairs": 2000, "augment_max_chars": 4000,
         "attributes_per_pair": 2, "neutral_pairs": 4000, "max_length": 512, "max_eval": None,
         "perturb_eval": 200, "bon_questions": None, "audit_probes": 400, "bootstrap": 2000,
+        "validate": True,
     },
 }
 
@@ -375,6 +379,7 @@ def experiment(options: ExperimentOptions | None = None,
     stages.start("load data")
     # Made first: a local llama.cpp is checked (in a child process) before minutes of work.
     oracle = make_oracle(OracleOptions(spec=opts.oracle, model=opts.oracle_model,
+                                       lookup_tokens=opts.lookup_tokens,
                                        cache=opts.cache or str(out / "oracle.sqlite3")))
     originals = training_pairs(data_dir, opts.max_train, opts.data_seed, log)
     sets = load_eval_sets(HELD_OUT, data_dir=data_dir, limit=opts.max_eval)

@@ -37,6 +37,7 @@ class OracleOptions:
     max_retries: int = 4
     threads: int | None = None  # llamacpp: CPU threads (None = all cores)
     n_ctx: int = 4096
+    lookup_tokens: int = 0  # llamacpp: prompt-lookup speculative decoding (0 = off)
     cache: str | None = None  # SQLite file; None = $CROME_CACHE or ~/.cache/crome/…; "off"
 
 
@@ -50,7 +51,8 @@ def make_backend(options: OracleOptions) -> Oracle:
         from crome.oracle.llamacpp import LlamaCppOptions, LlamaCppOracle
 
         return LlamaCppOracle(LlamaCppOptions(model_path=rest or None, n_ctx=options.n_ctx,
-                                              n_threads=options.threads))
+                                              n_threads=options.threads,
+                                              lookup_tokens=options.lookup_tokens))
     if backend == "openai":
         from crome.oracle.openai import OpenAIOptions, OpenAIOracle
 
