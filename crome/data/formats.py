@@ -40,7 +40,13 @@ import re
 from collections import Counter
 from typing import Any
 
-from crome.data.schema import Message, PairRecord, RecordError, validate_messages
+from crome.data.schema import (
+    Message,
+    PairRecord,
+    RecordError,
+    parse_messages,
+    validate_messages,
+)
 
 NATIVE_KEYS: tuple[str, ...] = ("id", "prompt", "chosen", "rejected", "label", "source",
                                 "subset", "provenance")
@@ -151,18 +157,7 @@ def extract_prompt(chosen: str, rejected: str) -> str:
 def _messages(value: Any, name: str) -> list[Message]:
     """A list of ``{role, content}`` messages (other keys dropped); roles are checked where the
     list is used, since a prompt and an answer allow different ones."""
-    out: list[Message] = []
-    for i, m in enumerate(value):
-        where = f"{name}[{i}]"
-        if not isinstance(m, dict):
-            raise RecordError(f"expected a message object, got {type(m).__name__}", field=where)
-        role, content = m.get("role"), m.get("content")
-        if not isinstance(role, str):
-            raise RecordError("role must be a string", field=f"{where}.role")
-        if not isinstance(content, str):
-            raise RecordError("content must be a string", field=f"{where}.content")
-        out.append({"role": role, "content": content})
-    return out
+    return parse_messages(value, name)
 
 
 def _same(a: list[Message], b: list[Message]) -> bool:

@@ -109,6 +109,27 @@ def _check_str(data: dict[str, Any], name: str, *, required: bool = True,
     return value
 
 
+def parse_messages(value: Any, name: str,
+                   roles: tuple[str, ...] | None = None) -> list[Message]:
+    """``{role, content}`` messages (other keys dropped), each checked for its types and,
+    when ``roles`` is given, for a known role; errors name the message and its field."""
+    out: list[Message] = []
+    for i, m in enumerate(value):
+        where = f"{name}[{i}]"
+        if not isinstance(m, dict):
+            raise RecordError(f"expected a message object, got {type(m).__name__}", field=where)
+        role, content = m.get("role"), m.get("content")
+        if roles is not None and role not in roles:
+            raise RecordError(f"role must be one of {', '.join(roles)}, got {role!r}",
+                              field=f"{where}.role")
+        if not isinstance(role, str):
+            raise RecordError("role must be a string", field=f"{where}.role")
+        if not isinstance(content, str):
+            raise RecordError("content must be a string", field=f"{where}.content")
+        out.append({"role": role, "content": content})
+    return out
+
+
 def validate_messages(messages: Any, name: str = "prompt") -> list[Message]:
     """Chat prompts: optional system message, then user/assistant turns ending with the user.
 
@@ -116,18 +137,7 @@ def validate_messages(messages: Any, name: str = "prompt") -> list[Message]:
     """
     if not isinstance(messages, list) or not messages:
         raise RecordError("expected a non-empty list of messages", field=name)
-    out: list[Message] = []
-    for i, m in enumerate(messages):
-        where = f"{name}[{i}]"
-        if not isinstance(m, dict):
-            raise RecordError(f"expected a message object, got {type(m).__name__}", field=where)
-        role, content = m.get("role"), m.get("content")
-        if role not in ROLES:
-            raise RecordError(f"role must be one of {', '.join(ROLES)}, got {role!r}",
-                              field=f"{where}.role")
-        if not isinstance(content, str):
-            raise RecordError("content must be a string", field=f"{where}.content")
-        out.append({"role": role, "content": content})
+    out = parse_messages(messages, name, ROLES)
     turns = out[1:] if out[0]["role"] == "system" else out
     if not turns:
         raise RecordError("a chat prompt needs at least one user turn", field=name)
