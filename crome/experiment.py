@@ -371,6 +371,7 @@ def experiment(options: ExperimentOptions | None = None,
     opts = options or ExperimentOptions()
     out = Path(opts.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    check_resumable(out / "options.json", opts)
     (out / "options.json").write_text(json.dumps(asdict(opts), indent=2) + "\n")
     data_dir = resolve_data_dir(opts.data_dir)
     arms = opts.all_arms
@@ -469,6 +470,27 @@ def experiment(options: ExperimentOptions | None = None,
     return results
 
 
+# Options a resumed run may change: what to run more of, and how to report it. Any other
+# change would mix stages made under different settings in one table.
+RESUMABLE_CHANGES = ("output_dir", "preset", "arms", "seeds", "tie_ratios", "bootstrap",
+                     "progress", "data_dir", "cache")
+
+
+def check_resumable(path: Path, opts: ExperimentOptions) -> None:
+    """Refuse to resume a run folder made with other settings (it would reuse its stages)."""
+    if not path.exists():
+        return
+    before = json.loads(path.read_text())
+    now = json.loads(json.dumps(asdict(opts)))
+    changed = [f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in now
+               if k not in RESUMABLE_CHANGES and before.get(k) != now[k]]
+    if changed:
+        raise ValueError(f"{path.parent}: this run folder was made with other options "
+                         f"({'; '.join(changed)}); its cached stages would not match. Use "
+                         f"another --out, or the same options (arms, seeds, tie ratios and "
+                         f"bootstrap may change).")
+
+
 def comparisons(arms: Sequence[str]) -> list[tuple[str, str]]:
     present = set(arms)
     pairs = [(a, b) for a, b in COMPARISONS if a in present and b in present]
@@ -511,8 +533,9 @@ def collect_figures(out: Path, arms: Sequence[str], seeds: Sequence[int]) -> lis
         return out / f"seed-{seed}" / "eval"
 
     figures: list[Figure] = []
-    set_names = sorted({p.name.removeprefix(f"examples-{slug(arms[0])}-").removesuffix(".jsonl")
-                        for p in eval_dir(seeds[0]).glob(f"examples-{slug(arms[0])}-*.jsonl")})
+    # the sets each model was scored on, as evaluate_scorer names their example files
+    scored = json.loads((eval_dir(seeds[0]) / f"results-{slug(arms[0])}.json").read_text())
+    set_names = [slug(name) for name in scored["sets"]]
     examples = {
         name: {(a, s): _read_jsonl(eval_dir(s) / f"examples-{slug(a)}-{name}.jsonl")
                for a in arms for s in seeds}

@@ -152,3 +152,19 @@ def test_quickstart_runs_arms_and_seeds_and_resumes(helpers, tmp_path):
     assert "training on" not in again.stdout + again.stderr
     assert "(0 done by an earlier run)" not in again.stdout
     assert json.loads((out / "results.json").read_text())["figures"] == figures
+
+
+def test_a_run_folder_resumes_only_with_the_same_settings(tmp_path):
+    from dataclasses import asdict
+
+    from crome.experiment import check_resumable
+
+    opts = preset_options(output_dir=str(tmp_path))
+    (tmp_path / "options.json").write_text(json.dumps(asdict(opts)))
+    check_resumable(tmp_path / "options.json", opts)
+    check_resumable(tmp_path / "options.json",
+                    preset_options(output_dir=str(tmp_path), seeds=(0, 1, 2, 3),
+                                   arms=("vanilla", "rrm", "crome"), bootstrap=50))
+    with pytest.raises(ValueError, match=r"max_train: 600 -> 900"):
+        check_resumable(tmp_path / "options.json",
+                        preset_options(output_dir=str(tmp_path), max_train=900))
