@@ -137,7 +137,11 @@ class LlamaCppOracle:
                                                   num_pred_tokens=self.options.lookup_tokens)
             self._llm = Llama(model_path=str(self._path), n_ctx=self.options.n_ctx,
                               n_threads=self.options.n_threads or os.cpu_count() or 1,
-                              verbose=self.options.verbose, draft_model=draft)
+                              verbose=self.options.verbose, draft_model=draft,
+                              # llama-cpp-python 0.3.36 sizes its logits buffer from this
+                              # argument, not from the draft model: without it the buffer
+                              # holds n_batch rows and longer prompts fail to evaluate
+                              logits_all=draft is not None)
         return self._llm
 
     def _one(self, req: OracleRequest) -> OracleResponse:
