@@ -459,6 +459,35 @@ def serve_cmd(
         server.proc.wait()
 
 
+@app.command("serve-rm")
+def serve_rm_cmd(
+    model: Annotated[Path, typer.Option("--model", "-m", help="A crome model dir or any HF "
+                                        "sequence-classification RM")],
+    host: Annotated[str, typer.Option(help="Bind address; any but loopback needs a token "
+                                           "in $CROME_RM_TOKEN (see --token-env)")] = "127.0.0.1",
+    port: int = 8000,
+    max_batch: Annotated[int, typer.Option(help="Sequences per scorer call")] = 128,
+    max_wait_ms: Annotated[float, typer.Option(help="How long a batch waits to fill")] = 5.0,
+    max_queue: Annotated[int, typer.Option(help="Requests waiting; more get 503")] = 256,
+    max_body_bytes: Annotated[int, typer.Option(help="Larger bodies get 413")] = 16 * 1024 * 1024,
+    max_items: Annotated[int, typer.Option(help="Texts per request")] = 512,
+    max_chars: Annotated[int, typer.Option(help="Characters per text")] = 200_000,
+    timeout_s: Annotated[float, typer.Option(help="Per request; 504 after")] = 60.0,
+    token_env: Annotated[str, typer.Option(help="Variable holding the bearer token")
+                         ] = "CROME_RM_TOKEN",
+    batch_size: Annotated[int, typer.Option(help="Rows per forward pass")] = 64,
+) -> None:
+    """Serve a reward model over HTTP for RL loops and best-of-N: POST /get_reward
+    (OpenRLHF), /classify (vLLM's API, as verl calls it), /score (prompt + answers); GET
+    /health, /metrics. Rewards equal `crome score`'s bit for bit; Ctrl-C stops it."""
+    from crome.serve_rm import ServeOptions, serve_rm
+
+    serve_rm(model, ServeOptions(
+        host=host, port=port, max_batch=max_batch, max_wait_ms=max_wait_ms,
+        max_queue=max_queue, max_body_bytes=max_body_bytes, max_items=max_items,
+        max_chars=max_chars, timeout_s=timeout_s, token_env=token_env, batch_size=batch_size))
+
+
 @app.command("build-llama")
 def build_llama_cmd(
     variant: Annotated[str, typer.Option(

@@ -117,6 +117,7 @@ def test_quickstart_runs_arms_and_seeds_and_resumes(helpers, tmp_path):
     assert aug["causal"]["tasks"] == 2 * 2  # 2 pairs × 1 attribute × 2 directions
     assert aug["causal"]["n_produced"] + aug["causal"]["n_failed"] == 4
     assert aug["causal"]["oracle"].startswith("llamacpp:")
+    assert not aug["causal"]["oracle_errors"]  # e.g. prompt lookup failing every long prompt
     n_causal = aug["causal"]["n_produced"]
     assert aug["neutral"]["n_produced"] == 12 + n_causal
     f = aug["filter"]
