@@ -17,6 +17,13 @@ Truncation, when prompt + answer exceed ``max_length`` tokens: first the *start 
 is cut (the oldest turns go; the last ``min_prompt_tokens`` are kept), then, only if the answer
 alone is still too long, the *end of the answer* is cut. Both are counted, never silent.
 
+Other tools (reward-bench, TRL, vLLM, a plain ``AutoModelForSequenceClassification``) see the
+same formatting through the saved tokenizer's chat template: a backbone without one gets a
+template written by :meth:`RewardModel.save` that renders what the rules above render (see
+:func:`crome_chat_template`), and a decoder gets a pad token of its own, so the classification
+head reads the last real token under left or right padding (``README.md`` of the saved folder
+and ``crome/model_card.py`` give the recipes).
+
 Dropout is switched off by default: an RM is trained on a pairwise margin, and dropout noise
 on the two forward passes of a pair adds variance to that margin (TRL users turn it off for
 the same reason); it also halves CPU throughput.
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +45,8 @@ from crome.data.schema import Prompt
 
 META_FILE = "crome.json"
 ADAPTER_DIR = "adapter"
-META_VERSION = 1
+META_VERSION = 1  # fields are only ever added (with defaults), so version 1 files still load
+PAD_TOKEN = "<|pad|>"  # added to tokenizers without a pad token or whose pad is their EOS
 
 
 def default_backbone() -> str:
@@ -122,10 +131,19 @@ def _as_messages(prompt: Prompt) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
 
 
-class Formatter:
-    """Turns (prompt, answer) into token ids for one tokenizer; see the module docstring."""
+FORMATTING_MODES = ("chat_template", "pair_template", "plain_join")
 
-    def __init__(self, tokenizer: Any, max_length: int, min_prompt_tokens: int = 64) -> None:
+
+class Formatter:
+    """Turns (prompt, answer) into token ids for one tokenizer; see the module docstring.
+
+    ``mode`` is detected from the tokenizer unless given: a saved RM passes the mode recorded
+    in ``crome.json``, because its saved tokenizer may carry the chat template that
+    :meth:`RewardModel.save` wrote for other tools, which must not switch crome itself to
+    ``chat_template`` formatting."""
+
+    def __init__(self, tokenizer: Any, max_length: int, min_prompt_tokens: int = 64,
+                 mode: str | None = None) -> None:
         import tokenizers
 
         self.tokenizer = tokenizer
@@ -136,12 +154,20 @@ class Formatter:
         self.backend = tokenizers.Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         self.backend.no_padding()
         self.backend.no_truncation()
-        self.use_template = bool(getattr(tokenizer, "chat_template", None))
+        has_template = bool(getattr(tokenizer, "chat_template", None))
         self.pair_specials = self.backend.num_special_tokens_to_add(True)
         self.uses_type_ids = "token_type_ids" in tokenizer.model_input_names
         self.eos_id = tokenizer.eos_token_id
-        self.mode = "chat_template" if self.use_template else (
-            "pair_template" if self.pair_specials else "plain_join")
+        if mode is None:
+            mode = "chat_template" if has_template else (
+                "pair_template" if self.pair_specials else "plain_join")
+        if mode not in FORMATTING_MODES:
+            raise ValueError(f"unknown formatting mode {mode!r}")
+        if mode == "chat_template" and not has_template:
+            raise ValueError("formatting mode chat_template needs a tokenizer with a chat "
+                             "template")
+        self.mode = mode
+        self.use_template = mode == "chat_template"
 
     def _texts(self, prompt: Prompt, answer: str) -> tuple[str, str]:
         if self.use_template:
@@ -217,6 +243,105 @@ class Formatter:
         return Batch(ids, mask, types)
 
 
+# -- the chat template written for other tools ---------------------------------------------
+
+_TEMPLATE = """\
+{%- set names = {'system': 'System', 'user': 'User', 'assistant': 'Assistant'} -%}
+{%- set ns = namespace(prompt=messages, answer=none) -%}
+{%- if messages and messages[-1]['role'] == 'assistant' and not add_generation_prompt -%}
+{%- set ns.prompt = messages[:-1] -%}
+{%- set ns.answer = messages[-1]['content'] -%}
+{%- endif -%}
+{%- if ns.prompt | length == 1 and ns.prompt[0]['role'] == 'user' \
+and not (role_labels is defined and role_labels) -%}
+{{- ns.prompt[0]['content'] -}}
+{%- else -%}
+{%- for m in ns.prompt -%}
+{{- ('\\n\\n' if not loop.first else '') + names.get(m['role'], m['role'] | capitalize) \
++ ': ' + m['content'] -}}
+{%- endfor -%}
+{%- endif -%}
+{%- if ns.answer is not none -%}
+{{- BETWEEN + ns.answer + AFTER -}}
+{%- elif add_generation_prompt -%}
+{{- GENERATION -}}
+{%- endif -%}"""
+
+
+def _jinja_str(text: str) -> str:
+    escaped = (text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+               .replace("\r", "\\r"))
+    return f"'{escaped}'"
+
+
+def _specials_around(backend: Any, pair: bool) -> list[list[int]] | None:
+    """The special tokens the post-processor puts around one sequence (``[before, after]``) or
+    a pair (``[before, between, after]``); None if the layout is not that simple."""
+    probes = [backend.encode(t, add_special_tokens=False) for t in ("alpha", "beta")]
+    probes = probes[:2] if pair else probes[:1]
+    enc = backend.post_process(probes[0], probes[1] if pair else None, add_special_tokens=True)
+    runs: list[list[int]] = [[]]  # the runs of special tokens around the sequences
+    content_runs = 0
+    in_content = False
+    for i, special in zip(enc.ids, enc.special_tokens_mask):
+        if special:
+            if in_content:
+                runs.append([])
+            runs[-1].append(i)
+        elif not in_content:
+            content_runs += 1
+        in_content = not special
+    if in_content:
+        runs.append([])
+    content = sum(1 for m in enc.special_tokens_mask if not m)
+    if content_runs != len(probes) or content != sum(len(p.ids) for p in probes):
+        return None
+    return runs
+
+
+def crome_chat_template(formatter: Formatter) -> str | None:
+    """A Jinja chat template that renders what ``formatter`` encodes, for a tokenizer that has
+    none; None for ``chat_template`` formatting (the tokenizer's own template is kept) and for
+    tokenizers whose special tokens cannot be written that way.
+
+    The prompt is rendered as crome renders it: a lone user message (how every tool passes a
+    text prompt) as its bare content, other chats as ``Role: content`` turns joined by blank
+    lines (``role_labels=True``, passed to ``apply_chat_template``, renders a lone user message
+    as ``User: …`` too, as crome does for a chat prompt of one user turn). Then:
+
+    * ``pair_template`` (BERT-style): the pair template's middle special tokens and the answer,
+      ``prompt[SEP]answer``; the tokenizer's single-sequence template adds the outer ones, so
+      ``tokenizer(text)`` gives crome's token ids: ``[CLS] prompt [SEP] answer [SEP]``. Token
+      type ids cannot come out of one string (they are all 0 there; crome gives the answer
+      type 1): the exact recipe is ``tokenizer(prompt_text, answer)``, with ``prompt_text``
+      from ``add_generation_prompt=True``.
+    * ``plain_join`` (no pair specials, GPT-2 style): ``prompt\\n\\nAssistant: answer<eos>``.
+      crome tokenises the parts before and after the answer's start separately, so the exact
+      ids are those of ``tokenizer(head, tail, add_special_tokens=False)``.
+    """
+    if formatter.mode == "chat_template":
+        return None
+    tok = formatter.tokenizer
+    if formatter.mode == "pair_template":
+        pair = _specials_around(formatter.backend, pair=True)
+        single = _specials_around(formatter.backend, pair=False)
+        if pair is None or single is None or len(pair) != 3 or len(single) != 2:
+            return None
+        if [pair[0], pair[2]] != single:  # tokenizer(text) would not add the outer ones
+            return None
+        between_ids = pair[1]
+        between = "".join(formatter.backend.id_to_token(i) for i in between_ids)
+        if formatter.backend.encode(between, add_special_tokens=False).ids != between_ids:
+            return None
+        after, generation = "", ""
+    else:
+        between = generation = "\n\nAssistant: "
+        after = tok.eos_token if formatter.eos_id is not None else ""
+    values = {"BETWEEN": between, "AFTER": after, "GENERATION": generation}
+    return re.sub(r"\b(BETWEEN|AFTER|GENERATION)\b", lambda m: _jinja_str(values[m[1]]),
+                  _TEMPLATE)
+
+
 def _disable_dropout(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Dropout):
@@ -244,6 +369,10 @@ class RewardModelMeta:
     lora: dict[str, Any] | None = None
     formatting: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # Whose chat template the saved tokenizer holds: "tokenizer" (the backbone's own, crome
+    # formats with it), "crome" (written by ``save`` for other tools; crome formats by
+    # ``formatting``), "" (none, or a checkpoint saved before crome wrote templates).
+    chat_template: str = ""
 
 
 class RewardModel:
@@ -253,7 +382,8 @@ class RewardModel:
         self.model = model
         self.tokenizer = tokenizer
         self.meta = meta
-        self.formatter = Formatter(tokenizer, meta.max_length, meta.min_prompt_tokens)
+        self.formatter = Formatter(tokenizer, meta.max_length, meta.min_prompt_tokens,
+                                   mode=meta.formatting or None)
         meta.formatting = self.formatter.mode
 
     # -- construction -------------------------------------------------------------------
@@ -265,10 +395,11 @@ class RewardModel:
         opts = options or ModelOptions()
         backbone = opts.backbone or default_backbone()
         tokenizer = AutoTokenizer.from_pretrained(backbone)
-        _ensure_pad_token(tokenizer)
+        _add_distinct_pad_token(tokenizer)
         torch.manual_seed(opts.seed)
         model = AutoModelForSequenceClassification.from_pretrained(
             backbone, num_labels=1, dtype=torch.float32)
+        _fit_embeddings(model, tokenizer)
         model.config.pad_token_id = tokenizer.pad_token_id
         if not opts.dropout:
             _disable_dropout(model)
@@ -306,6 +437,7 @@ class RewardModel:
 
             base = AutoModelForSequenceClassification.from_pretrained(
                 meta.backbone, num_labels=1, dtype=torch.float32)
+            _fit_embeddings(base, tokenizer)  # a pad token added by ``create``
             base.config.pad_token_id = tokenizer.pad_token_id
             model = PeftModel.from_pretrained(base, p / ADAPTER_DIR)
         else:
@@ -315,16 +447,37 @@ class RewardModel:
             _disable_dropout(model)
         return cls(model.eval(), tokenizer, meta)
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
-        """An HF model directory (safetensors) plus ``crome.json``; LoRA: adapter + head."""
+    def save(self, path: str | os.PathLike[str], card: bool = True) -> Path:
+        """An HF model directory (safetensors) plus ``crome.json``; LoRA: adapter + head.
+
+        The tokenizer is saved with a chat template that renders crome's formatting (the
+        backbone's own template if it has one, else :func:`crome_chat_template`), in
+        ``tokenizer_config.json``, where every transformers version reads it; ``card`` writes
+        a model card (``README.md``, :func:`crome.model_card.write_model_card`) that
+        ``crome train`` rewrites with the data counts and training figures."""
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
         if self.meta.lora is not None:
-            self.model.save_pretrained(p / ADAPTER_DIR)
+            # A pad token added by ``create`` resized the frozen embeddings; ``load`` resizes
+            # the base the same way, so peft need not store the whole table in the adapter.
+            self.model.save_pretrained(p / ADAPTER_DIR, save_embedding_layers=False)
         else:
             self.model.save_pretrained(p)
-        self.tokenizer.save_pretrained(p)
+        own = self.tokenizer.chat_template
+        template = crome_chat_template(self.formatter)
+        self.meta.chat_template = ("tokenizer" if self.formatter.use_template
+                                   else "crome" if template else "")
+        if template is not None:  # on the saved tokenizer only: crome formats by its mode
+            self.tokenizer.chat_template = template
+        try:
+            self.tokenizer.save_pretrained(p, save_jinja_files=False)
+        finally:
+            self.tokenizer.chat_template = own
         (p / META_FILE).write_text(json.dumps(asdict(self.meta), indent=2) + "\n")
+        if card:
+            from crome.model_card import write_model_card
+
+            write_model_card(p, self.meta)
         return p
 
     # -- use ----------------------------------------------------------------------------
@@ -357,8 +510,34 @@ def freeze_head_bias(model: nn.Module) -> int:
 
 
 def _ensure_pad_token(tokenizer: Any) -> None:
+    """For loading RMs trained elsewhere: their head was trained with whatever pad they had."""
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+
+
+def _add_distinct_pad_token(tokenizer: Any) -> bool:
+    """A new RM gets a pad token that is not its EOS: a sequence-classification head reads the
+    last token that is not the pad, so with pad = EOS a decoder's head would skip the closing
+    EOS in transformers but read it in tools that take the last token (vLLM)."""
+    pad = tokenizer.pad_token_id
+    if pad is not None and pad != tokenizer.eos_token_id:
+        return False
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    return True
+
+
+def _fit_embeddings(model: nn.Module, tokenizer: Any) -> None:
+    """Grow the input embeddings to the tokenizer (a pad token added by ``create``); the new
+    rows are the mean of the old ones, so a reload (LoRA: base + adapter) gets them again.
+    A pad row's value never reaches a reward: pads are masked and not read by the head."""
+    emb = model.get_input_embeddings()
+    old = emb.num_embeddings
+    if len(tokenizer) <= old:
+        return
+    model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[old:] = weight[:old].mean(dim=0, keepdim=True)
 
 
 def _wrap_lora(model: nn.Module, lora: LoraOptions) -> nn.Module:

@@ -49,6 +49,7 @@ from crome.model import (
     TruncationCounts,
     freeze_head_bias,
 )
+from crome.model_card import data_counts, write_model_card
 from crome.progress import StageProgress
 from crome.score import ScoreOptions, autocast, resolve_bf16, score_pairs
 
@@ -325,8 +326,11 @@ def train(records: Sequence[PairRecord], options: TrainOptions | None = None,
         summary.evals.append(_periodic_eval(accelerator, rm, eval_records, step))
     if main:
         rm.model = accelerator.unwrap_model(wrapper).model
-        rm.save(out)
+        rm.meta.extra["train_options"] = asdict(opts)
+        rm.save(out, card=False)
         (out / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
+        write_model_card(out, rm.meta, summary, data_counts(records),
+                         summary.evals[-1] if summary.evals else None)
     accelerator.wait_for_everyone()
     return summary
 

@@ -1,0 +1,265 @@
+"""The model card (``README.md``) of a saved reward model.
+
+Written by :meth:`crome.model.RewardModel.save` from ``crome.json`` alone, and rewritten by
+``crome train`` with what only training knows: the data's counts, the training summary and the
+held-out figures. Hub-style YAML front matter, then: data, options, figures, and how to use the
+model in transformers (the tokenization recipe that gives crome's rewards for its formatting
+mode) and in crome (``crome score``, ``crome serve-rm``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from crome.data.schema import PairRecord
+from crome.model import RewardModelMeta, default_backbone
+
+CARD_FILE = "README.md"
+DEFAULT_BACKBONE_ID = "sentence-transformers/all-MiniLM-L6-v2"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def data_counts(records: Iterable[PairRecord]) -> dict[str, Any]:
+    """Counts for the card: pairs, preferences, ties, text and chat prompts, and pairs per
+    source and per ``source/subset``."""
+    records = list(records)
+    ties = sum(r.label == "tie" for r in records)
+    chat = sum(r.is_chat for r in records)
+    sources = Counter(r.source or "(none)" for r in records)
+    subsets = Counter(f"{r.source or '(none)'}/{r.subset}" for r in records if r.subset)
+    return {"pairs": len(records), "preferences": len(records) - ties, "ties": ties,
+            "text_prompts": len(records) - chat, "chat_prompts": chat,
+            "sources": dict(sorted(sources.items())), "subsets": dict(sorted(subsets.items()))}
+
+
+def base_model_id(backbone: str) -> str | None:
+    """The Hub id of the backbone for ``base_model``: the packaged MiniLM's, a Hub id as
+    given, None for another local folder."""
+    try:
+        if backbone and Path(backbone).resolve() == Path(default_backbone()).resolve():
+            return DEFAULT_BACKBONE_ID
+    except ImportError:  # the packaged MiniLM is not installed
+        pass
+    if backbone and _HUB_ID.match(backbone) and not Path(backbone).exists():
+        return backbone
+    return None
+
+
+def write_model_card(directory: str | os.PathLike[str], meta: RewardModelMeta,
+                     train_summary: Any = None, data_counts: Mapping[str, Any] | None = None,
+                     results: Mapping[str, Any] | None = None) -> Path:
+    """Write ``README.md`` into ``directory``. ``train_summary`` is a ``TrainSummary`` or a
+    dict; ``data_counts`` as :func:`data_counts` returns (any dict of counts will do);
+    ``results`` any flat or one-level nested dict of held-out figures."""
+    p = Path(directory)
+    path = p / CARD_FILE
+    path.write_text(render_model_card(p, meta, train_summary, data_counts, results),
+                    encoding="utf-8")
+    return path
+
+
+def render_model_card(directory: Path, meta: RewardModelMeta, train_summary: Any = None,
+                      data_counts: Mapping[str, Any] | None = None,
+                      results: Mapping[str, Any] | None = None) -> str:
+    summary = _as_dict(train_summary)
+    base = base_model_id(meta.backbone)
+    front = ["---", f"library_name: {'peft' if meta.lora else 'transformers'}",
+             "pipeline_tag: text-classification", "tags:", "- reward-model", "- crome"]
+    if base:
+        front.append(f"base_model: {base}")
+    front.append("---")
+    out = front + [
+        "", f"# {directory.resolve().name}", "",
+        ("A reward model trained with [crome](https://arxiv.org/abs/2506.16507) (causally "
+        "robust reward modelling): a sequence-classification model with one output, the "
+        "reward of an answer to a prompt. Higher is better; only differences between answers "
+        "to the same prompt are meaningful."), "",
+        f"Backbone: `{meta.backbone}`" + (f" ({base})" if base else "") + ".", ""]
+    out += _data_section(data_counts, summary)
+    out += _options_section(meta)
+    out += _figures_section(summary, results)
+    out += _usage_section(directory, meta)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    return dict(value)
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        text = f"{value:.4g}"
+    elif value is None:
+        text = "—"
+    else:
+        text = str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _table(rows: Iterable[tuple[str, Any]], head: tuple[str, str]) -> list[str]:
+    rows = list(rows)
+    if not rows:
+        return []
+    lines = [f"| {head[0]} | {head[1]} |", "| --- | --- |"]
+    lines += [f"| {_cell(k)} | {_cell(v)} |" for k, v in rows]
+    return lines + [""]
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        if isinstance(v, Mapping) and v:
+            rows += _flatten(v, f"{prefix}{k}.")
+        else:
+            rows.append((f"{prefix}{k}", v))
+    return rows
+
+
+def _data_section(counts: Mapping[str, Any] | None, summary: Mapping[str, Any]) -> list[str]:
+    counts = dict(counts or {})
+    if not counts and "pairs" in summary:
+        counts = {"pairs": summary["pairs"], "ties": summary.get("ties", 0)}
+    if not counts:
+        return []
+    out = ["## Training data", ""]
+    groups = {k: v for k, v in counts.items() if isinstance(v, Mapping)}
+    out += _table([(k, v) for k, v in counts.items() if k not in groups], ("", "count"))
+    for name, group in groups.items():
+        if group:
+            out += _table(group.items(), (name.rstrip("s") if name.endswith("s") else name,
+                                          "pairs"))
+    return out
+
+
+def _options_section(meta: RewardModelMeta) -> list[str]:
+    model = [("backbone", meta.backbone), ("max_length", meta.max_length),
+             ("min_prompt_tokens", meta.min_prompt_tokens), ("dropout", meta.dropout),
+             ("lora", meta.lora), ("formatting", meta.formatting),
+             ("chat_template", meta.chat_template or "none")]
+    train = dict(meta.extra.get("train_options") or {})
+    rows = [(f"model.{k}", v) for k, v in model]
+    model_opts = train.pop("model", None)
+    if isinstance(model_opts, Mapping):  # what crome.json's own fields do not hold (the seed)
+        rows += [(f"model.{k}", v) for k, v in model_opts.items() if f"model.{k}" not in
+                 dict(rows)]
+    rows += list(train.items())
+    return ["## Options", "", "`ModelOptions` (`model.*`)" +
+            (" and `TrainOptions`" if train else "") + ", as recorded in `crome.json`:", ""
+            ] + _table(rows, ("option", "value"))
+
+
+def _figures_section(summary: Mapping[str, Any], results: Mapping[str, Any] | None,
+                     ) -> list[str]:
+    out: list[str] = []
+    if summary:
+        keep = {k: v for k, v in summary.items() if k != "evals"}
+        out += ["## Training", ""] + _table(_flatten(keep), ("", "value"))
+        evals = [e for e in summary.get("evals") or [] if "accuracy" in e]
+        if evals:
+            out += ["Held-out accuracy during training (ties count as wrong):", "",
+                    "| step | accuracy | pairs |", "| --- | --- | --- |"]
+            out += [f"| {e.get('step')} | {_cell(e.get('accuracy'))} | {e.get('n', '—')} |"
+                    for e in evals] + [""]
+    if results:
+        out += ["## Held-out results", ""] + _table(_flatten(results), ("", "value"))
+    return out
+
+
+def _usage_section(directory: Path, meta: RewardModelMeta) -> list[str]:
+    where = str(directory)
+    out = ["## Use it", "",
+           (f"crome itself: `crome score pairs.jsonl scores.jsonl --model {where}` scores both "
+           f"answers of every pair; `crome serve-rm --model {where}` serves it over HTTP "
+           "(OpenRLHF `/get_reward`, vLLM-style `/classify`, `/score`); in Python, "
+           f"`crome.model.RewardModel.load({where!r})` and `crome.score.score_texts`."), ""]
+    if meta.lora:
+        out += [("This is a LoRA checkpoint: the adapter and the reward head are in "
+                f"`{where}/adapter`, on top of the backbone `{meta.backbone}`; peft loads it."),
+                ""]
+        model = [
+            "from peft import PeftModel",
+            "",
+            f"path = {where!r}",
+            "tok = AutoTokenizer.from_pretrained(path)",
+            (f"base = AutoModelForSequenceClassification.from_pretrained({meta.backbone!r}, "
+            "num_labels=1)"),
+            "if len(tok) > base.get_input_embeddings().num_embeddings:  # crome's pad token",
+            "    base.resize_token_embeddings(len(tok))",
+            "base.config.pad_token_id = tok.pad_token_id",
+            "model = PeftModel.from_pretrained(base, f\"{path}/adapter\").eval()"]
+    else:
+        model = [
+            f"path = {where!r}",
+            "tok = AutoTokenizer.from_pretrained(path)",
+            "model = AutoModelForSequenceClassification.from_pretrained(path).eval()"]
+    out += [f"In transformers (no `trust_remote_code`), the formatting is `{meta.formatting}`:",
+            ""]
+    load = [
+        "```python",
+        "import torch",
+        "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+        "",
+        *model,
+        "messages = [{\"role\": \"user\", \"content\": \"What is the capital of France?\"}]",
+        "answer = \"Paris.\"",
+        ("full = tok.apply_chat_template(messages + [{\"role\": \"assistant\", \"content\": "
+        "answer}],"),
+        "                               tokenize=False)",
+    ]
+    if meta.formatting == "pair_template":
+        load += [
+            ("head = tok.apply_chat_template(messages, tokenize=False, "
+            "add_generation_prompt=True)"),
+            "inputs = tok(head, answer, return_tensors=\"pt\")  # exact: ids and token types",
+            "with torch.inference_mode():",
+            "    reward = model(**inputs).logits[0, 0].item()",
+            "```", "",
+            ("The chat template renders crome's text (a lone user message as its bare content, "
+            "like a text prompt; other chats as `Role: content` turns; pass `role_labels=True` "
+            "to render a lone user message as `User: …`, as crome does for a one-turn chat "
+            "prompt) and puts the separator token between prompt and answer, so "
+            "`tok(full)` gives crome's token ids. It cannot give its token type ids: crome "
+            "encodes prompt and answer as a pair (the answer has type 1) and one string has "
+            "type 0 throughout, so only the pair call above gives crome's rewards. A tool that "
+            "tokenizes the rendered string alone gets other rewards from this model; one "
+            "that passes a text pair (cross-encoder style, or the text-classification "
+            "pipeline's `{\"text\": head, \"text_pair\": answer}`) gets crome's.")]
+    elif meta.formatting == "plain_join":
+        load += [
+            ("head = tok.apply_chat_template(messages, tokenize=False, "
+            "add_generation_prompt=True)"),
+            "tail = full[len(head):]  # the answer and the closing EOS",
+            "inputs = tok(head, tail, add_special_tokens=False, return_tensors=\"pt\")",
+            "inputs.pop(\"token_type_ids\", None)",
+            "with torch.inference_mode():",
+            "    reward = model(**inputs).logits[0, 0].item()",
+            "```", "",
+            ("crome tokenizes the text before the answer and the answer separately; "
+            "`tok(full, add_special_tokens=False)` may merge the tokens where they meet and "
+            "then differ slightly.")]
+    else:
+        load += [
+            "inputs = tok(full, add_special_tokens=False, return_tensors=\"pt\")",
+            "with torch.inference_mode():",
+            "    reward = model(**inputs).logits[0, 0].item()",
+            "```", "",
+            ("This is the backbone's own chat template, as reward-bench, TRL and vLLM apply "
+            "it. The template already holds BOS and the turn markers, hence "
+            "`add_special_tokens=False`. The pad token is not the EOS, so the head reads the "
+            "last real token under left or right padding.")]
+    out += load + ["",
+                   (f"Past {meta.max_length} tokens crome cuts the start of the prompt (keeping "
+                   f"at least its last {meta.min_prompt_tokens} tokens), then the end of the "
+                   "answer; other tools truncate their own way, so rewards agree when nothing "
+                   "is cut."), ""]
+    return out
