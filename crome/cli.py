@@ -182,7 +182,11 @@ def eval_cmd(
 ) -> None:
     """Pairwise accuracy per subset (ties wrong), RewardBench sections, length and format
     bias; with --perturb, accuracy, drop and consistency under each perturbation."""
-    from crome.evaluate.perturb import PerturbOptions, evaluate_perturbations, parse_perturbations
+    from crome.evaluate.perturb import (
+        PerturbOptions,
+        evaluate_perturbations,
+        parse_perturbations,
+    )
     from crome.evaluate.run import (
         evaluate_scorer,
         load_eval_sets,
@@ -564,8 +568,12 @@ def experiment_cmd(
         help="Original training pairs (seeded sample); 0 = all")] = None,
     max_eval: Annotated[int | None, typer.Option(
         help="First N pairs per held-out subset (RewardBench is always whole); 0 = all")] = None,
+    backbone: Annotated[str | None, typer.Option(
+        help="Every arm's backbone: HF folder or Hub id (default: the packaged MiniLM)")] = None,
+    lora_r: Annotated[int | None, typer.Option(help="LoRA rank; 0 = full fine-tuning")] = None,
     max_length: int | None = None,
     epochs: float | None = None,
+    batch_size: int | None = None,
     lr: float | None = None,
     tie_weight: Annotated[float | None, typer.Option(help="λ of the tie loss")] = None,
     oracle: Annotated[str | None, typer.Option(
@@ -614,8 +622,8 @@ def experiment_cmd(
 
     opts = preset_options(
         preset, output_dir=output_dir, data_dir=data_dir, arms=_csv(arms, str),
-        seeds=_csv(seeds, int), tie_ratios=_csv(tie_ratios, float), max_length=max_length,
-        epochs=epochs, lr=lr, tie_weight=tie_weight, oracle=oracle, oracle_model=oracle_model,
+        seeds=_csv(seeds, int), tie_ratios=_csv(tie_ratios, float), backbone=backbone,
+        lora_r=lora_r, max_length=max_length, epochs=epochs, batch_size=batch_size, lr=lr, tie_weight=tie_weight, oracle=oracle, oracle_model=oracle_model,
         cache=cache, augment_pairs=augment_pairs, attributes_per_pair=attributes,
         neutral_pairs=neutral_pairs, tau=tau, validate=validate, lookup_tokens=lookup_tokens,
         rewardbench=rewardbench, perturb_eval=perturb_eval,

@@ -61,7 +61,7 @@ from crome.evaluate.stats import (
     spearman_statistic,
 )
 from crome.filter import FilterOptions, filter_pairs
-from crome.model import ModelOptions, RewardModel
+from crome.model import LoraOptions, ModelOptions, RewardModel
 from crome.oracle import OracleOptions, make_oracle
 from crome.progress import progress_callback
 from crome.rubrics import RubricOptions, make_rubrics, read_rubrics
@@ -103,6 +103,8 @@ class ExperimentOptions:
     # original data and training (the same for every arm)
     max_train: int | None = 600  # a seeded sample of the training pairs; None = all
     data_seed: int = 0
+    backbone: str | None = None  # None: the packaged MiniLM; a Hub id or folder (decoders too)
+    lora_r: int = 0  # LoRA rank (alpha = 2r); 0 = full fine-tuning
     max_length: int = 128
     epochs: float = 1.0
     batch_size: int = 16
@@ -341,11 +343,18 @@ def train_arm(records: list[PairRecord], model_dir: Path, seed: int,
     summary_file = model_dir / SUMMARY_FILE
     if summary_file.exists():
         return json.loads(summary_file.read_text())
-    summary = train(records, TrainOptions(
-        output_dir=str(model_dir), model=ModelOptions(max_length=opts.max_length),
-        epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, seed=seed,
-        tie_weight=opts.tie_weight, progress=opts.progress))
+    summary = train(records, arm_train_options(model_dir, seed, opts))
     return asdict(summary)
+
+
+def arm_train_options(model_dir: Path, seed: int, opts: ExperimentOptions) -> TrainOptions:
+    """What every arm trains with: only the output folder and the seed differ."""
+    return TrainOptions(
+        output_dir=str(model_dir), model=ModelOptions(
+            backbone=opts.backbone, max_length=opts.max_length,
+            lora=LoraOptions(r=opts.lora_r, alpha=2 * opts.lora_r) if opts.lora_r else None),
+        epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, seed=seed,
+        tie_weight=opts.tie_weight, progress=opts.progress)
 
 
 def evaluate_model(scorer: Scorer, sets: Sequence[EvalSet], robust_sets: Sequence[EvalSet],
@@ -482,8 +491,11 @@ def check_resumable(path: Path, opts: ExperimentOptions) -> None:
         return
     before = json.loads(path.read_text())
     now = json.loads(json.dumps(asdict(opts)))
-    changed = [f"{k}: {before.get(k)!r} -> {now[k]!r}" for k in now
-               if k not in RESUMABLE_CHANGES and before.get(k) != now[k]]
+    # an option added since the folder was made had its default there
+    for k, v in json.loads(json.dumps(asdict(ExperimentOptions()))).items():
+        before.setdefault(k, v)
+    changed = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in now
+               if k not in RESUMABLE_CHANGES and before[k] != now[k]]
     if changed:
         raise ValueError(f"{path.parent}: this run folder was made with other options "
                          f"({'; '.join(changed)}); its cached stages would not match. Use "

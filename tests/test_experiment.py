@@ -169,3 +169,29 @@ def test_a_run_folder_resumes_only_with_the_same_settings(tmp_path):
     with pytest.raises(ValueError, match=r"max_train: 600 -> 900"):
         check_resumable(tmp_path / "options.json",
                         preset_options(output_dir=str(tmp_path), max_train=900))
+
+
+def test_a_folder_made_before_an_option_existed_resumes_with_its_default(tmp_path):
+    from dataclasses import asdict
+
+    from crome.experiment import check_resumable
+
+    opts = preset_options(output_dir=str(tmp_path))
+    old = asdict(opts)
+    del old["lora_r"], old["backbone"]  # options added later
+    (tmp_path / "options.json").write_text(json.dumps(old))
+    check_resumable(tmp_path / "options.json", opts)
+    with pytest.raises(ValueError, match=r"lora_r: 0 -> 8"):
+        check_resumable(tmp_path / "options.json",
+                        preset_options(output_dir=str(tmp_path), lora_r=8))
+
+
+def test_every_arm_trains_the_chosen_backbone_with_lora(tmp_path):
+    from crome.experiment import arm_train_options
+
+    opts = preset_options(output_dir=str(tmp_path), backbone="some/decoder", lora_r=8,
+                          batch_size=4)
+    to = arm_train_options(tmp_path / "m", 1, opts)
+    assert to.model.backbone == "some/decoder" and to.seed == 1 and to.batch_size == 4
+    assert (to.model.lora.r, to.model.lora.alpha) == (8, 16)
+    assert arm_train_options(tmp_path / "m", 0, preset_options()).model.lora is None
