@@ -623,7 +623,8 @@ def experiment_cmd(
     opts = preset_options(
         preset, output_dir=output_dir, data_dir=data_dir, arms=_csv(arms, str),
         seeds=_csv(seeds, int), tie_ratios=_csv(tie_ratios, float), backbone=backbone,
-        lora_r=lora_r, max_length=max_length, epochs=epochs, batch_size=batch_size, lr=lr, tie_weight=tie_weight, oracle=oracle, oracle_model=oracle_model,
+        lora_r=lora_r, max_length=max_length, epochs=epochs, batch_size=batch_size, lr=lr,
+        tie_weight=tie_weight, oracle=oracle, oracle_model=oracle_model,
         cache=cache, augment_pairs=augment_pairs, attributes_per_pair=attributes,
         neutral_pairs=neutral_pairs, tau=tau, validate=validate, lookup_tokens=lookup_tokens,
         rewardbench=rewardbench, perturb_eval=perturb_eval,
