@@ -109,6 +109,14 @@ class Batch:
     attention_mask: torch.Tensor
     token_type_ids: torch.Tensor | None = None
 
+    def to(self, device: torch.device) -> Batch:
+        """This batch on ``device`` (itself if it is there)."""
+        if self.input_ids.device == device:
+            return self
+        types = self.token_type_ids
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device),
+                     types.to(device) if types is not None else None)
+
     def as_kwargs(self) -> dict[str, torch.Tensor]:
         kw = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
         if self.token_type_ids is not None:
@@ -413,8 +421,9 @@ class RewardModel:
         return cls(model, tokenizer, meta)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> RewardModel:
-        """Load a directory written by :meth:`save`, or any HF sequence-classification RM."""
+    def load(cls, path: str | os.PathLike[str], device: str | None = None) -> RewardModel:
+        """Load a directory written by :meth:`save`, or any HF sequence-classification RM,
+        onto ``device`` (None: the first CUDA GPU if there is one, else the CPU)."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         p = Path(path)
@@ -445,7 +454,8 @@ class RewardModel:
                 p, num_labels=1, dtype=torch.float32)
         if not meta.dropout:
             _disable_dropout(model)
-        return cls(model.eval(), tokenizer, meta)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        return cls(model.to(device).eval(), tokenizer, meta)
 
     def save(self, path: str | os.PathLike[str], card: bool = True) -> Path:
         """An HF model directory (safetensors) plus ``crome.json``; LoRA: adapter + head.
@@ -481,8 +491,13 @@ class RewardModel:
         return p
 
     # -- use ----------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
     def forward(self, batch: Batch) -> torch.Tensor:
-        out = self.model(**batch.as_kwargs())
+        """Rewards of a collated batch (moved to the model's device), on that device."""
+        out = self.model(**batch.to(self.device).as_kwargs())
         return out.logits.squeeze(-1)
 
     def num_parameters(self, trainable_only: bool = False) -> int:

@@ -113,9 +113,9 @@ def resolve_bf16(setting: bool | None) -> bool:
     return bf16_supported() if setting is None else setting
 
 
-def autocast(enabled: bool):  # type: ignore[no-untyped-def]
-    """bf16 autocast on CPU (a no-op context when disabled)."""
-    return torch.autocast("cpu", dtype=torch.bfloat16) if enabled else nullcontext()
+def autocast(enabled: bool, device_type: str = "cpu"):  # type: ignore[no-untyped-def]
+    """bf16 autocast on ``device_type`` (a no-op context when disabled)."""
+    return torch.autocast(device_type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
 def score_encoded(rm: RewardModel, encs: Sequence[Encoded], options: ScoreOptions | None = None,
@@ -132,7 +132,7 @@ def score_encoded(rm: RewardModel, encs: Sequence[Encoded], options: ScoreOption
     rm.model.eval()
     start = time.perf_counter()
     try:
-        with torch.inference_mode(), autocast(opts.bf16):
+        with torch.inference_mode(), autocast(opts.bf16, rm.device.type):
             for key in sorted(buckets):
                 idxs = buckets[key]
                 for s in range(0, len(idxs), bs):

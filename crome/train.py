@@ -160,7 +160,9 @@ class ChunkedRewards(nn.Module):
         self.rm = rm
 
     def forward(self, chunks: list[Batch]) -> torch.Tensor:  # type: ignore[override]
-        return torch.cat([self.model(**c.as_kwargs()).logits.squeeze(-1) for c in chunks])
+        device = next(self.model.parameters()).device
+        return torch.cat([self.model(**c.to(device).as_kwargs()).logits.squeeze(-1)
+                          for c in chunks])
 
 
 def micro_batch(rm: RewardModel, pairs: Sequence[EncodedPair], chunk_rows: int,
@@ -268,18 +270,18 @@ def train(records: Sequence[PairRecord], options: TrainOptions | None = None,
         # This process's share of the global batch, then its accumulation micro-batches.
         mine = split(gbatch, world)[rank]
         micros = [m for m in split(mine, opts.grad_accum) if m]
-        step_loss = torch.zeros(())
+        step_loss = torch.zeros((), device=accelerator.device)
         for k, micro in enumerate(micros):
             chunks, inverse, is_tie = micro_batch(rm, [pairs[i] for i in micro],
                                                   opts.chunk_rows)
             sync = k == len(micros) - 1
             ctx = accelerator.no_sync(wrapper) if not sync else nullcontext()
             with ctx:
-                with autocast(bf16):
+                with autocast(bf16, accelerator.device.type):
                     rewards = wrapper(chunks)
-                rewards = rewards.float()[inverse]
+                rewards = rewards.float()[inverse.to(rewards.device)]
                 m = len(micro)
-                loss = pair_loss(rewards[:m], rewards[m:], is_tie, tie_weight=opts.tie_weight,
+                loss = pair_loss(rewards[:m], rewards[m:], is_tie.to(rewards.device), tie_weight=opts.tie_weight,
                                  margin=opts.margin, center_coef=opts.center_coef)
                 loss = loss * world / len(gbatch)
                 accelerator.backward(loss)
