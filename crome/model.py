@@ -151,7 +151,7 @@ class Formatter:
     ``chat_template`` formatting."""
 
     def __init__(self, tokenizer: Any, max_length: int, min_prompt_tokens: int = 64,
-                 mode: str | None = None) -> None:
+                 mode: str | None = None, answer_type_ids: bool = True) -> None:
         import tokenizers
 
         self.tokenizer = tokenizer
@@ -176,6 +176,9 @@ class Formatter:
                              "template")
         self.mode = mode
         self.use_template = mode == "chat_template"
+        # pair_template: the answer's tokens get type 1 (BERT's pair convention), or type 0
+        # like every other token, which is what a tool that tokenizes one string produces
+        self.answer_type_ids = answer_type_ids
 
     def _texts(self, prompt: Prompt, answer: str) -> tuple[str, str]:
         if self.use_template:
@@ -221,7 +224,9 @@ class Formatter:
         else:
             enc = self.backend.post_process(pe, ae, add_special_tokens=True)
             ids = enc.ids
-            types = enc.type_ids if self.uses_type_ids else None
+            types = None
+            if self.uses_type_ids:
+                types = enc.type_ids if self.answer_type_ids else [0] * len(ids)
         return Encoded(ids, types, p_trunc, a_trunc)
 
     def encode_many(self, prompts: list[Prompt], answers: list[str],
@@ -319,10 +324,11 @@ def crome_chat_template(formatter: Formatter) -> str | None:
 
     * ``pair_template`` (BERT-style): the pair template's middle special tokens and the answer,
       ``prompt[SEP]answer``; the tokenizer's single-sequence template adds the outer ones, so
-      ``tokenizer(text)`` gives crome's token ids: ``[CLS] prompt [SEP] answer [SEP]``. Token
-      type ids cannot come out of one string (they are all 0 there; crome gives the answer
-      type 1): the exact recipe is ``tokenizer(prompt_text, answer)``, with ``prompt_text``
-      from ``add_generation_prompt=True``.
+      ``tokenizer(text)`` gives crome's token ids: ``[CLS] prompt [SEP] answer [SEP]``, and
+      its token type ids (all 0) are crome's for RMs made with ``answer_type_ids=False`` (every
+      RM ``create`` makes). Older RMs gave the answer type 1: for them the exact recipe is
+      ``tokenizer(prompt_text, answer)``, with ``prompt_text`` from
+      ``add_generation_prompt=True``.
     * ``plain_join`` (no pair specials, GPT-2 style): ``prompt\\n\\nAssistant: answer<eos>``.
       crome tokenises the parts before and after the answer's start separately, so the exact
       ids are those of ``tokenizer(head, tail, add_special_tokens=False)``.
@@ -381,6 +387,10 @@ class RewardModelMeta:
     # formats with it), "crome" (written by ``save`` for other tools; crome formats by
     # ``formatting``), "" (none, or a checkpoint saved before crome wrote templates).
     chat_template: str = ""
+    # pair_template formatting: whether the answer's tokens have token type 1. RMs made before
+    # this field existed had them (hence the default); ``create`` makes RMs without them, so
+    # that one string rendered by the saved chat template gives crome's rewards exactly.
+    answer_type_ids: bool = True
 
 
 class RewardModel:
@@ -391,7 +401,8 @@ class RewardModel:
         self.tokenizer = tokenizer
         self.meta = meta
         self.formatter = Formatter(tokenizer, meta.max_length, meta.min_prompt_tokens,
-                                   mode=meta.formatting or None)
+                                   mode=meta.formatting or None,
+                                   answer_type_ids=meta.answer_type_ids)
         meta.formatting = self.formatter.mode
 
     # -- construction -------------------------------------------------------------------
@@ -417,7 +428,7 @@ class RewardModel:
             lora = asdict(opts.lora)
         meta = RewardModelMeta(backbone=backbone, max_length=opts.max_length,
                                min_prompt_tokens=opts.min_prompt_tokens,
-                               dropout=opts.dropout, lora=lora)
+                               dropout=opts.dropout, lora=lora, answer_type_ids=False)
         return cls(model, tokenizer, meta)
 
     @classmethod

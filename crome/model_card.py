@@ -216,7 +216,19 @@ def _usage_section(directory: Path, meta: RewardModelMeta) -> list[str]:
         "answer}],"),
         "                               tokenize=False)",
     ]
-    if meta.formatting == "pair_template":
+    if meta.formatting == "pair_template" and not meta.answer_type_ids:
+        load += [
+            "inputs = tok(full, return_tensors=\"pt\")",
+            "with torch.inference_mode():",
+            "    reward = model(**inputs).logits[0, 0].item()",
+            "```", "",
+            ("The chat template renders crome's text (a lone user message as its bare content, "
+            "like a text prompt; other chats as `Role: content` turns; pass `role_labels=True` "
+            "to render a lone user message as `User: …`, as crome does for a one-turn chat "
+            "prompt) with the separator token between prompt and answer, so `tok(full)` gives "
+            "crome's token ids and token types, as reward-bench, TRL and vLLM tokenize it. "
+            "BERT-style positions are absolute: pad on the right (the tokenizer's default).")]
+    elif meta.formatting == "pair_template":
         load += [
             ("head = tok.apply_chat_template(messages, tokenize=False, "
             "add_generation_prompt=True)"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -164,16 +165,17 @@ def test_encoder_save_writes_a_chat_template_that_crome_itself_ignores(encoder_r
     assert loaded.tokenizer.chat_template == cfg["chat_template"]
     # Detected from the saved tokenizer alone, the mode would switch to the template ...
     assert Formatter(loaded.tokenizer, 256).mode == "chat_template"
-    # ... which would lose the answer's token type ids; the recorded mode keeps them.
+    # ... which would encode other ids (no outer specials); the recorded mode keeps crome's.
     assert loaded.formatter.mode == "pair_template"
     prompts, answers = prompts_and_answers(helpers)
     assert score_texts(loaded, prompts, answers) == score_texts(rm, prompts, answers)
 
 
-def test_encoder_template_gives_crome_token_ids_but_not_type_ids(encoder_rm, helpers):
+def test_encoder_template_gives_crome_token_ids_and_type_ids(encoder_rm, helpers):
     from transformers import AutoTokenizer
 
     rm, path = encoder_rm
+    assert rm.meta.answer_type_ids is False  # every new RM: one string is exact
     tok = AutoTokenizer.from_pretrained(path)
     prompts, answers = prompts_and_answers(helpers)
     for prompt, answer in zip(prompts, answers):
@@ -182,26 +184,19 @@ def test_encoder_template_gives_crome_token_ids_but_not_type_ids(encoder_rm, hel
         text = tok.apply_chat_template(with_answer(prompt, answer), tokenize=False)
         single = tok(text)
         assert single["input_ids"] == enc.input_ids, (prompt, text)
-        assert single["token_type_ids"] != enc.token_type_ids  # all 0: the limitation
-        # the exact recipe: the rendered prompt and the answer as a pair
-        head = tok.apply_chat_template(messages(prompt), tokenize=False,
-                                       add_generation_prompt=True)
-        assert text.startswith(head)
-        pair = tok(head, answer)
-        assert pair["input_ids"] == enc.input_ids
-        assert pair["token_type_ids"] == enc.token_type_ids
+        assert single["token_type_ids"] == enc.token_type_ids == [0] * len(enc.input_ids)
     # a chat prompt of one user turn: crome labels it; the template does with role_labels
     one_turn = [{"role": "user", "content": "only river question"}]
     enc = rm.formatter.encode(one_turn, "an answer")
-    head = tok.apply_chat_template(one_turn, tokenize=False, add_generation_prompt=True,
-                                   role_labels=True)
-    assert head == "User: only river question"
-    assert tok(head, "an answer")["input_ids"] == enc.input_ids
+    text = tok.apply_chat_template(one_turn + [{"role": "assistant", "content": "an answer"}],
+                                   tokenize=False, role_labels=True)
+    assert text.startswith("User: only river question")
+    assert tok(text)["input_ids"] == enc.input_ids
     bare = tok.apply_chat_template(one_turn, tokenize=False, add_generation_prompt=True)
     assert bare == "only river question"
 
 
-def test_encoder_pair_recipe_gives_crome_rewards_and_one_string_does_not(encoder_rm, helpers):
+def test_encoder_one_string_gives_crome_rewards(encoder_rm, helpers):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     rm, path = encoder_rm
@@ -209,17 +204,37 @@ def test_encoder_pair_recipe_gives_crome_rewards_and_one_string_does_not(encoder
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
     prompts, answers = prompts_and_answers(helpers)
     want = score_texts(rm, prompts, answers)
-    heads = [tok.apply_chat_template(messages(p), tokenize=False, add_generation_prompt=True)
-             for p in prompts]
+    texts = [tok.apply_chat_template(with_answer(p, a), tokenize=False)
+             for p, a in zip(prompts, answers)]
     # right padding, the tokenizer's default: BERT's absolute positions would start at the
     # pads under left padding
     assert tok.padding_side == "right"
-    got = hf_rewards(model, tok(heads, answers, padding=True, return_tensors="pt"))
-    assert_close(got, want)
+    assert_close(hf_rewards(model, tok(texts, padding=True, return_tensors="pt")), want)
+
+
+def test_older_encoder_rms_with_answer_type_ids_need_the_pair_recipe(tiny_bert, tmp_path,
+                                                                      helpers):
+    """RMs made before ``answer_type_ids`` gave the answer type 1: the card's pair recipe
+    gives their rewards, one string does not."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    new = RewardModel.create(ModelOptions(backbone=tiny_bert, seed=2))
+    rm = RewardModel(new.model, new.tokenizer, replace(new.meta, answer_type_ids=True))
+    perturb(rm, seed=5)
+    path = rm.save(tmp_path / "rm")
+    assert RewardModel.load(path).meta.answer_type_ids is True
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    prompts, answers = prompts_and_answers(helpers)
+    want = score_texts(rm, prompts, answers)
+    heads = [tok.apply_chat_template(messages(p), tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    assert_close(hf_rewards(model, tok(heads, answers, padding=True, return_tensors="pt")),
+                 want)
     texts = [tok.apply_chat_template(with_answer(p, a), tokenize=False)
              for p, a in zip(prompts, answers)]
     single = hf_rewards(model, tok(texts, padding=True, return_tensors="pt"))
-    assert max(abs(a - b) for a, b in zip(single, want)) > 1e-3  # what the card warns of
+    assert max(abs(a - b) for a, b in zip(single, want)) > 1e-3  # what their card warns of
 
 
 def test_pair_template_that_cannot_be_written_gets_none(tiny_bert):
@@ -364,7 +379,9 @@ def _save_the_old_way(rm: RewardModel, path: Path) -> Path:
 @pytest.mark.parametrize("which", ["tiny_bert", "tiny_chat"])
 def test_checkpoints_saved_before_still_load_and_score_the_same(request, tmp_path, helpers,
                                                                 which):
-    rm = RewardModel.create(ModelOptions(backbone=request.getfixturevalue(which), seed=8))
+    made = RewardModel.create(ModelOptions(backbone=request.getfixturevalue(which), seed=8))
+    # as made then: the answer had token type 1 (a no-op for the chat model)
+    rm = RewardModel(made.model, made.tokenizer, replace(made.meta, answer_type_ids=True))
     perturb(rm, seed=9)
     prompts, answers = prompts_and_answers(helpers)
     want = score_texts(rm, prompts, answers)

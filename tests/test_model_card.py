@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -67,16 +68,19 @@ def test_train_writes_a_card_with_counts_options_and_held_out_figures(tiny_bert,
     assert "apply_chat_template" in python_block(card)
 
 
-@pytest.mark.parametrize("which,lora", [("tiny_bert", False), ("tiny_chat", False),
-                                        ("tiny_bert", True)],
-                         ids=["encoder", "decoder", "encoder-lora"])
-def test_the_cards_python_snippet_gives_cromes_reward(request, tmp_path, which, lora):
-    """The snippet is run as written: what a user copies gives crome's reward."""
+@pytest.mark.parametrize("which,lora,legacy", [
+    ("tiny_bert", False, False), ("tiny_chat", False, False), ("tiny_bert", True, False),
+    ("tiny_bert", False, True)], ids=["encoder", "decoder", "encoder-lora", "encoder-legacy"])
+def test_the_cards_python_snippet_gives_cromes_reward(request, tmp_path, which, lora, legacy):
+    """The snippet is run as written: what a user copies gives crome's reward (legacy: an
+    encoder RM made when the answer had token type 1, whose card gives the pair recipe)."""
     backbone = request.getfixturevalue(which)
     opts = ModelOptions(backbone=backbone, seed=3,
                         lora=LoraOptions(r=4, alpha=8, target_modules=["query", "value"])
                         if lora else None)
     rm = RewardModel.create(opts)
+    if legacy:
+        rm = RewardModel(rm.model, rm.tokenizer, replace(rm.meta, answer_type_ids=True))
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():
         for p in rm.model.parameters():
