@@ -303,13 +303,14 @@ def report_cmd(
 
 OracleOpt = Annotated[str, typer.Option(
     "--oracle", help="rules | llamacpp[:MODEL.gguf] (default: the packaged 1.5B model) | "
+    "llamaserver[:MODEL.gguf] (the same behind llama.cpp's server: batched, n-gram drafts) | "
     "openai:BASE_URL (e.g. openai:http://127.0.0.1:8000/v1)")]
 OracleModelOpt = Annotated[str, typer.Option("--oracle-model",
                            help="openai: model name (default: the server's first)")]
 KeyEnvOpt = Annotated[str, typer.Option("--oracle-key-env",
                       help="openai: environment variable that holds the API key")]
 ConcurrencyOpt = Annotated[int, typer.Option("--oracle-concurrency",
-                           help="openai: requests in flight")]
+                           help="openai: requests in flight; llamaserver: server slots")]
 CacheOpt = Annotated[str | None, typer.Option(
     "--cache", help="SQLite cache of oracle calls (default: $CROME_CACHE or "
     "~/.cache/crome/oracle.sqlite3; 'off' disables it)")]
@@ -449,14 +450,22 @@ def serve_cmd(
     host: Annotated[str, typer.Option(help="Bind address; keep 127.0.0.1 unless you "
                                            "mean to expose it")] = "127.0.0.1",
     threads: int = 2,
-    n_ctx: int = 4096,
+    n_ctx: Annotated[int, typer.Option(help="Context per request")] = 4096,
+    engine: Annotated[str, typer.Option(
+        help="python (llama-cpp-python's server, one request at a time) or llama-server "
+             "(llama.cpp's own, from `crome build-llama --server`: slots, n-gram drafts)")
+    ] = "python",
+    parallel: Annotated[int, typer.Option(help="llama-server: slots (continuous batching)")
+                        ] = 1,
+    spec: Annotated[str, typer.Option(
+        help="llama-server: n-gram speculative decoding, e.g. ngram-simple ('' = off)")] = "",
 ) -> None:
     """Serve a GGUF model (default: the packaged oracle) with llama.cpp's OpenAI-compatible
     server, for ``--oracle openai:http://HOST:PORT/v1``; Ctrl-C stops it."""
     from crome.oracle.server import LlamaServer
 
     with LlamaServer(model, n_ctx=n_ctx, n_threads=threads, alias="local", host=host,
-                     port=port) as server:
+                     port=port, engine=engine, parallel=parallel, spec=spec) as server:
         typer.echo(f"serving {server.model} as model 'local' at {server.base_url}; "
                    f"use --oracle openai:{server.base_url}")
         assert server.proc is not None
@@ -502,11 +511,21 @@ def build_llama_cmd(
         "--wheel-only", help="Build (or find) the cached wheel, print its path, install "
                              "nothing")] = False,
     jobs: Annotated[int | None, typer.Option(help="Parallel compile jobs")] = None,
+    server: Annotated[bool, typer.Option(
+        "--server", help="Also build llama.cpp's own llama-server with the same flags (for "
+                         "--oracle llamaserver and crome serve --engine llama-server)")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Build llama-cpp-python for this CPU (instruction sets probed by running them; never
     AMX) into a cached wheel, and install it with its server extras."""
-    from crome.oracle.build import BuildOptions, build_wheel, install, plan, probe
+    from crome.oracle.build import (
+        BuildOptions,
+        build_server,
+        build_wheel,
+        install,
+        plan,
+        probe,
+    )
 
     def log(line: str) -> None:
         if not quiet:
@@ -521,6 +540,8 @@ def build_llama_cmd(
     info = install(opts, log)
     log(f"llama-cpp-python {info.version}: build {info.key} ({info.variant}), "
         f"{' '.join(a for a in info.cmake_args if a.endswith('=ON'))}")
+    if server:
+        log(f"llama-server: {build_server(opts, plan(opts, result), log)}")
 
 
 @app.command("doctor")

@@ -4,6 +4,10 @@ Specs (``--oracle``):
 
 * ``llamacpp`` — the packaged Qwen2.5-Coder-1.5B-Instruct GGUF, in-process (the default);
   ``llamacpp:/path/to/model.gguf`` for another GGUF file.
+* ``llamaserver`` — the same model behind llama.cpp's own server, started on loopback for the
+  oracle's lifetime (``crome build-llama --server`` builds it): ``concurrency`` requests share
+  each decode step, and n-gram speculative decoding (``server_spec``) drafts from the context;
+  ``llamaserver:/path/to/model.gguf`` for another GGUF file.
 * ``openai:http://127.0.0.1:8080/v1`` — any OpenAI-compatible server (vLLM, llama.cpp
   server, Ollama, OpenAI, Gemini's OpenAI endpoint); ``--oracle-model`` names the model and
   the key is read from the environment variable named by ``--oracle-key-env``.
@@ -12,6 +16,7 @@ Specs (``--oracle``):
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +29,7 @@ from crome.oracle.base import (
 )
 from crome.oracle.cache import CachedOracle, CacheStats, OracleCache, default_cache_path
 
-BACKENDS = ("llamacpp", "openai", "rules")
+BACKENDS = ("llamacpp", "llamaserver", "openai", "rules")
 
 
 @dataclass
@@ -38,6 +43,7 @@ class OracleOptions:
     threads: int | None = None  # llamacpp: CPU threads (None = all cores)
     n_ctx: int = 4096
     lookup_tokens: int = 0  # llamacpp: prompt-lookup speculative decoding (0 = off)
+    server_spec: str = "ngram-simple"  # llamaserver: --spec-type ("" = off)
     cache: str | None = None  # SQLite file; None = $CROME_CACHE or ~/.cache/crome/…; "off"
 
 
@@ -53,6 +59,15 @@ def make_backend(options: OracleOptions) -> Oracle:
         return LlamaCppOracle(LlamaCppOptions(model_path=rest or None, n_ctx=options.n_ctx,
                                               n_threads=options.threads,
                                               lookup_tokens=options.lookup_tokens))
+    if backend == "llamaserver":
+        from crome.oracle.server import LlamaServer, ServedOracle
+
+        server = LlamaServer(model=rest or None, n_ctx=options.n_ctx,
+                             n_threads=options.threads or os.cpu_count() or 1,
+                             engine="llama-server", parallel=options.concurrency,
+                             spec=options.server_spec)
+        return ServedOracle(server, parallel=options.concurrency, timeout=options.timeout,
+                            max_retries=options.max_retries)
     if backend == "openai":
         from crome.oracle.openai import OpenAIOptions, OpenAIOracle
 
@@ -64,7 +79,7 @@ def make_backend(options: OracleOptions) -> Oracle:
                                           timeout=options.timeout,
                                           max_retries=options.max_retries))
     raise ValueError(f"unknown oracle {options.spec!r}; use one of: rules, llamacpp"
-                     f"[:MODEL.gguf], openai:BASE_URL")
+                     f"[:MODEL.gguf], llamaserver[:MODEL.gguf], openai:BASE_URL")
 
 
 def make_oracle(options: OracleOptions | None = None) -> Oracle:

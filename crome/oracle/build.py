@@ -339,3 +339,87 @@ def install(options: BuildOptions, log: Callable[[str], None] = print,
         raise OSError("llama-cpp-python was installed but cannot be found")
     (target / "crome-build.json").write_text(json.dumps(asdict(info), indent=1) + "\n")
     return info
+
+
+# -- llama.cpp's own server ------------------------------------------------------------------
+
+SERVER_BINARY = "llama-server"
+# The server alone: no web UI (nothing to fetch), no HTTPS (it serves loopback), one static
+# binary that does not depend on the wheel's shared libraries.
+SERVER_CMAKE_ARGS = ["-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TESTS=OFF",
+                     "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_UI=OFF",
+                     "-DLLAMA_USE_PREBUILT_UI=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_CURL=OFF",
+                     "-DBUILD_SHARED_LIBS=OFF", "-DCMAKE_BUILD_TYPE=Release"]
+
+
+def server_dir(options: BuildOptions, info: BuildInfo) -> Path:
+    return wheels_dir(options.cache_dir) / f"{info.key}-server"
+
+
+def server_binary(options: BuildOptions | None = None,
+                  info: BuildInfo | None = None) -> Path | None:
+    """The cached ``llama-server`` built for this machine, or None if it is not built."""
+    options = options or BuildOptions()
+    binary = server_dir(options, info or plan(options)) / SERVER_BINARY
+    return binary if binary.is_file() else None
+
+
+def build_server(options: BuildOptions, info: BuildInfo | None = None,
+                 log: Callable[[str], None] = print) -> Path:
+    """llama.cpp's own ``llama-server`` (continuous batching over ``-np`` slots, n-gram
+    speculative decoding), built from the llama.cpp vendored in the same pinned sdist with the
+    same CMake arguments as the wheel (so the same probe decides its instruction sets), and
+    cached as ``<key>-server/llama-server`` beside the wheels. 5-10 min on 2 cores."""
+    import tarfile
+
+    info = info or plan(options)
+    folder = server_dir(options, info)
+    if (folder / SERVER_BINARY).is_file() and not options.force:
+        return folder / SERVER_BINARY
+    if shutil.which("cmake") is None:
+        raise OSError("building llama-server needs cmake: apt-get install cmake (or pip "
+                      "install cmake)")
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{info.key}-server.", dir=folder.parent))
+    logfile = tmp / "build.log"
+    args = [*info.cmake_args, *SERVER_CMAKE_ARGS]
+    log(f"building llama-server from llama-cpp-python {info.version}'s sdist with "
+        f"{shlex.join(args)}; 5-10 min on 2 cores")
+    t0 = time.perf_counter()
+    jobs = str(options.jobs or os.cpu_count() or 1)
+    with logfile.open("w") as out:
+        def step(cmd: list[str]) -> None:
+            out.write(f"$ {shlex.join(cmd)}\n")
+            out.flush()
+            code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode
+            if code != 0:
+                out.flush()
+                tail = logfile.read_text(errors="replace").splitlines()[-15:]
+                raise OSError(f"building llama-server failed (exit {code}) at "
+                              f"{cmd[0]} {cmd[1] if len(cmd) > 1 else ''}; log: {logfile}\n"
+                              + "\n".join(tail))
+
+        step(_pip("download", "--no-deps", "--no-binary", ":all:", "-d", str(tmp),
+                  f"llama-cpp-python=={info.version}"))
+        (sdist,) = sorted(tmp.glob("llama_cpp_python-*.tar.gz"))
+        with tarfile.open(sdist) as tar:
+            tar.extractall(tmp / "src", filter="data")
+        (source,) = sorted((tmp / "src").glob("llama_cpp_python-*/vendor/llama.cpp"))
+        step(["cmake", "-S", str(source), "-B", str(tmp / "build"), *args])
+        step(["cmake", "--build", str(tmp / "build"), "--target", SERVER_BINARY,
+              "-j", jobs])
+    built = tmp / "build" / "bin" / SERVER_BINARY
+    if not built.is_file():
+        raise OSError(f"building llama-server left no {built}; log: {logfile}")
+    staged = tmp / "out"
+    staged.mkdir()
+    shutil.copy2(built, staged / SERVER_BINARY)
+    shutil.copy2(logfile, staged / "build.log")
+    record = {**asdict(info), "binary": SERVER_BINARY,
+              "build_seconds": round(time.perf_counter() - t0, 1)}
+    (staged / "build.json").write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(staged, folder)  # whole or not at all
+    shutil.rmtree(tmp, ignore_errors=True)
+    return folder / SERVER_BINARY
