@@ -219,3 +219,39 @@ def llama_server():
         yield server
     finally:
         server.__exit__()
+
+
+# -- a tiny reward model for the reward-server tests (test_serve_rm.py, test_client.py) -----
+
+RM_MAX_LENGTH = 64
+
+
+@pytest.fixture(scope="module")
+def rm_dir(tiny_bert, tmp_path_factory):
+    """A saved tiny BERT RM (``RM_MAX_LENGTH`` tokens) with spread-out rewards, so that a
+    mix-up between requests would show."""
+    from crome.model import ModelOptions, RewardModel
+
+    rm = RewardModel.create(ModelOptions(backbone=tiny_bert, max_length=RM_MAX_LENGTH,
+                                         min_prompt_tokens=16, seed=0))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in rm.model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return rm.save(tmp_path_factory.mktemp("tiny-rm") / "rm")
+
+
+@pytest.fixture(scope="module")
+def offline(rm_dir):
+    """A copy loaded as ``crome score`` loads it: the reference for every served reward."""
+    from crome.model import RewardModel
+
+    return RewardModel.load(rm_dir)
+
+
+@pytest.fixture(scope="module")
+def served(rm_dir):
+    """The copy a server scores with."""
+    from crome.model import RewardModel
+
+    return RewardModel.load(rm_dir)

@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 
 from crome.model import ModelOptions, RewardModel
 from crome.score import ScoreOptions, score_texts
@@ -30,30 +29,8 @@ from crome.serve_rm import (
     score_raw_texts,
 )
 
-MAX_LENGTH = 64
+MAX_LENGTH = 64  # the rm_dir fixture's (conftest.py)
 TOKEN_ENV = "CROME_TEST_RM_TOKEN"
-
-
-@pytest.fixture(scope="module")
-def rm_dir(tiny_bert, tmp_path_factory):
-    rm = RewardModel.create(ModelOptions(backbone=tiny_bert, max_length=MAX_LENGTH,
-                                         min_prompt_tokens=16, seed=0))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # spread the rewards, so a mix-up between requests would show
-        for p in rm.model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return rm.save(tmp_path_factory.mktemp("serve-rm") / "rm")
-
-
-@pytest.fixture(scope="module")
-def offline(rm_dir) -> RewardModel:
-    """A second copy, loaded as ``crome score`` loads it: the reference for every reward."""
-    return RewardModel.load(rm_dir)
-
-
-@pytest.fixture(scope="module")
-def served(rm_dir) -> RewardModel:
-    return RewardModel.load(rm_dir)
 
 
 OPTS = {"port": 0, "max_wait_ms": 20, "max_items": 50, "max_chars": 5000,
@@ -420,3 +397,31 @@ def test_cli_serves_and_finishes_the_request_in_flight_on_sigterm(rm_dir, offlin
     out = proc.stdout.read()  # type: ignore[union-attr]
     assert f"crome serve-rm: rm (max_length {MAX_LENGTH}) on http://127.0.0.1:{port}" in out
     assert "Finished server process" in out
+
+
+def test_a_client_gone_mid_upload_is_counted_as_disconnected_not_a_server_error(server, client):
+    """A real socket announces a body it never finishes sending, then closes."""
+    import socket
+    from urllib.parse import urlsplit
+
+    before = client.get("/metrics").text
+    url = urlsplit(server.url)
+    for _ in range(3):
+        with socket.create_connection((url.hostname, url.port), timeout=5) as sock:
+            sock.sendall(b"POST /get_reward HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n"
+                         b'{"query": ["half')
+    deadline = time.monotonic() + 10
+    while True:
+        text = client.get("/metrics").text
+        gone = (metric(text, "crome_rm_errors_total", route="/get_reward",
+                       reason="disconnected")
+                - metric(before, "crome_rm_errors_total", route="/get_reward",
+                         reason="disconnected"))
+        if gone >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert gone == 3
+    assert metric(text, "crome_rm_errors_total", route="/get_reward", reason="internal") == \
+        metric(before, "crome_rm_errors_total", route="/get_reward", reason="internal")
+    assert client.post("/get_reward", json={"query": ["still serving"]}).status_code == 200
