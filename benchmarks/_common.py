@@ -29,3 +29,13 @@ def set_threads(threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+
+
+def short_helpful_pairs(n: int, max_chars: int, data_dir: str | None = None) -> list:
+    """The first ``n`` held-out helpful-base pairs whose answers are at most ``max_chars``
+    characters: the pairs the oracle benchmarks rewrite."""
+    from crome.data.sources import load_source
+
+    records = load_source("hh-rlhf/helpful-base",
+                          data_dir=Path(data_dir) if data_dir else None).records
+    return [r for r in records if max(len(r.chosen), len(r.rejected)) <= max_chars][:n]

@@ -22,11 +22,10 @@ import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
-import _common  # noqa: F401  (offline env, importable checkout)
+import _common  # offline env, importable checkout, shared helpers
 
 from crome.augment import AugmentOptions, augment, failures_path
 from crome.data.io import read_pairs
-from crome.data.sources import load_source
 from crome.oracle import OracleOptions, make_oracle
 from crome.oracle.rules import RulesOracle
 from crome.rubrics import make_rubrics, read_rubrics
@@ -51,10 +50,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    records = [r for r in load_source("hh-rlhf/helpful-base",
-                                      data_dir=Path(args.data_dir) if args.data_dir else None
-                                      ).records
-               if max(len(r.chosen), len(r.rejected)) <= args.max_chars][:args.pairs]
+    records = _common.short_helpful_pairs(args.pairs, args.max_chars, args.data_dir)
     oracle = make_oracle(OracleOptions(spec=args.oracle, model=args.oracle_model,
                                        cache=str(out / "oracle.sqlite3")))
     t0 = time.perf_counter()

@@ -26,12 +26,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import _common  # noqa: F401  (offline env, importable checkout)
+import _common  # offline env, importable checkout, shared helpers
 import numpy as np
 
 from crome.augment import AugmentOptions, augment
 from crome.data.schema import prompt_hash
-from crome.data.sources import load_source
 from crome.embed import Embedder
 from crome.oracle import OracleOptions, OracleRequest, Sampling, make_oracle
 from crome.rubrics import FALLBACK_ATTRIBUTES, Rubric
@@ -52,10 +51,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench/augment_throughput.json")
     args = ap.parse_args()
 
-    records = [r for r in load_source("hh-rlhf/helpful-base",
-                                      data_dir=Path(args.data_dir) if args.data_dir else None
-                                      ).records
-               if max(len(r.chosen), len(r.rejected)) <= args.max_chars][:args.pairs]
+    records = _common.short_helpful_pairs(args.pairs, args.max_chars, args.data_dir)
     rubrics = {prompt_hash(r.prompt): Rubric(prompt_hash(r.prompt), [FALLBACK_ATTRIBUTES[0]],
                                              "fallback", 0, "bench") for r in records}
     opts = AugmentOptions(attributes_per_pair=1, candidates=1, validate=args.validate)

@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import _common  # noqa: F401  (offline env, importable checkout)
+import _common  # offline env, importable checkout, shared helpers
 import httpx
 
 from crome.augment import (
@@ -29,7 +29,6 @@ from crome.augment import (
     rewrite_request,
 )
 from crome.data.schema import prompt_hash
-from crome.data.sources import load_source
 from crome.embed import Embedder
 from crome.oracle import OracleOptions, make_oracle
 from crome.oracle.server import LlamaServer
@@ -58,10 +57,7 @@ def main() -> None:
     ap.add_argument("--out", default="runs/bench/oracle_throughput.json")
     args = ap.parse_args()
 
-    records = [r for r in load_source("hh-rlhf/helpful-base",
-                                      data_dir=Path(args.data_dir) if args.data_dir else None
-                                      ).records
-               if max(len(r.chosen), len(r.rejected)) <= 600][:args.pairs]
+    records = _common.short_helpful_pairs(args.pairs, 600, args.data_dir)
     rubrics = {prompt_hash(r.prompt): Rubric(prompt_hash(r.prompt), [FALLBACK_ATTRIBUTES[0]],
                                              "fallback", 0, "bench")
                for r in records}

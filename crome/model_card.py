@@ -216,59 +216,43 @@ def _usage_section(directory: Path, meta: RewardModelMeta) -> list[str]:
         "answer}],"),
         "                               tokenize=False)",
     ]
+    head = ("head = tok.apply_chat_template(messages, tokenize=False, "
+            "add_generation_prompt=True)")
+    renders = ("The chat template renders crome's text (a lone user message as its bare "
+               "content, like a text prompt; other chats as `Role: content` turns; pass "
+               "`role_labels=True` to render a lone user message as `User: …`, as crome does "
+               "for a one-turn chat prompt) with the separator token between prompt and "
+               "answer, so `tok(full)` gives crome's token ids")
     if meta.formatting == "pair_template" and not meta.answer_type_ids:
-        load += [
-            "inputs = tok(full, return_tensors=\"pt\")",
-            "with torch.inference_mode():",
-            "    reward = model(**inputs).logits[0, 0].item()",
-            "```", "",
-            ("The chat template renders crome's text (a lone user message as its bare content, "
-            "like a text prompt; other chats as `Role: content` turns; pass `role_labels=True` "
-            "to render a lone user message as `User: …`, as crome does for a one-turn chat "
-            "prompt) with the separator token between prompt and answer, so `tok(full)` gives "
-            "crome's token ids and token types, as reward-bench, TRL and vLLM tokenize it. "
-            "BERT-style positions are absolute: pad on the right (the tokenizer's default).")]
+        inputs = ["inputs = tok(full, return_tensors=\"pt\")"]
+        note = (f"{renders} and token types, as reward-bench, TRL and vLLM tokenize it. "
+                "BERT-style positions are absolute: pad on the right (the tokenizer's "
+                "default).")
     elif meta.formatting == "pair_template":
-        load += [
-            ("head = tok.apply_chat_template(messages, tokenize=False, "
-            "add_generation_prompt=True)"),
-            "inputs = tok(head, answer, return_tensors=\"pt\")  # exact: ids and token types",
-            "with torch.inference_mode():",
-            "    reward = model(**inputs).logits[0, 0].item()",
-            "```", "",
-            ("The chat template renders crome's text (a lone user message as its bare content, "
-            "like a text prompt; other chats as `Role: content` turns; pass `role_labels=True` "
-            "to render a lone user message as `User: …`, as crome does for a one-turn chat "
-            "prompt) and puts the separator token between prompt and answer, so "
-            "`tok(full)` gives crome's token ids. It cannot give its token type ids: crome "
-            "encodes prompt and answer as a pair (the answer has type 1) and one string has "
-            "type 0 throughout, so only the pair call above gives crome's rewards. A tool that "
-            "tokenizes the rendered string alone gets other rewards from this model; one "
-            "that passes a text pair (cross-encoder style, or the text-classification "
-            "pipeline's `{\"text\": head, \"text_pair\": answer}`) gets crome's.")]
+        inputs = [head, "inputs = tok(head, answer, return_tensors=\"pt\")  # exact: ids and "
+                        "token types"]
+        note = (f"{renders}. It cannot give its token type ids: this model was made when crome "
+                "encoded prompt and answer as a pair (the answer has type 1) and one string "
+                "has type 0 throughout, so only the pair call above gives crome's rewards. A "
+                "tool that tokenizes the rendered string alone gets other rewards from this "
+                "model; one that passes a text pair (cross-encoder style, or the "
+                "text-classification pipeline's `{\"text\": head, \"text_pair\": answer}`) "
+                "gets crome's.")
     elif meta.formatting == "plain_join":
-        load += [
-            ("head = tok.apply_chat_template(messages, tokenize=False, "
-            "add_generation_prompt=True)"),
-            "tail = full[len(head):]  # the answer and the closing EOS",
-            "inputs = tok(head, tail, add_special_tokens=False, return_tensors=\"pt\")",
-            "inputs.pop(\"token_type_ids\", None)",
-            "with torch.inference_mode():",
-            "    reward = model(**inputs).logits[0, 0].item()",
-            "```", "",
-            ("crome tokenizes the text before the answer and the answer separately; "
-            "`tok(full, add_special_tokens=False)` may merge the tokens where they meet and "
-            "then differ slightly.")]
+        inputs = [head, "tail = full[len(head):]  # the answer and the closing EOS",
+                  "inputs = tok(head, tail, add_special_tokens=False, return_tensors=\"pt\")",
+                  "inputs.pop(\"token_type_ids\", None)"]
+        note = ("crome tokenizes the text before the answer and the answer separately; "
+                "`tok(full, add_special_tokens=False)` may merge the tokens where they meet "
+                "and then differ slightly.")
     else:
-        load += [
-            "inputs = tok(full, add_special_tokens=False, return_tensors=\"pt\")",
-            "with torch.inference_mode():",
-            "    reward = model(**inputs).logits[0, 0].item()",
-            "```", "",
-            ("This is the backbone's own chat template, as reward-bench, TRL and vLLM apply "
-            "it. The template already holds BOS and the turn markers, hence "
-            "`add_special_tokens=False`. The pad token is not the EOS, so the head reads the "
-            "last real token under left or right padding.")]
+        inputs = ["inputs = tok(full, add_special_tokens=False, return_tensors=\"pt\")"]
+        note = ("This is the backbone's own chat template, as reward-bench, TRL and vLLM "
+                "apply it. The template already holds BOS and the turn markers, hence "
+                "`add_special_tokens=False`. The pad token is not the EOS, so the head reads "
+                "the last real token under left or right padding.")
+    load += [*inputs, "with torch.inference_mode():",
+             "    reward = model(**inputs).logits[0, 0].item()", "```", "", note]
     out += load + ["",
                    (f"Past {meta.max_length} tokens crome cuts the start of the prompt (keeping "
                    f"at least its last {meta.min_prompt_tokens} tokens), then the end of the "
