@@ -13,14 +13,15 @@ The baseline is ``crome.score.score_pairs`` on the same pairs in this process (w
 ``crome score`` runs), timed before and after the served levels while the server is idle;
 their mean is the reference rate. Printed per level: answers/s and its fraction of the
 offline rate, p50 and p99 request latency, errors, rewards that differ from the offline
-ones (they must be equal bit for bit), and the server's batch-size histogram over the level
-(from ``/metrics``).
+ones and by how much (equal bit for bit on CPUs whose kernels compute a row alike in any
+block; off by float32 rounding elsewhere, which ``--tolerance`` allows), and the server's
+batch-size histogram over the level (from ``/metrics``).
 
 ``--faults`` runs fault clients beside the good ones at every level: garbage bodies,
 clients that disconnect mid-body or before reading their answer, and oversize requests
 (body bytes, items, characters). Their outcomes are tallied against what the server should
 answer (400, 413, or nothing for a dropped connection). The exit status is 1 when a good
-client saw an error or a reward that differs from the offline one, or the server died.
+client saw an error or a reward off by more than ``--tolerance``, or the server died.
 
     python benchmarks/serve_throughput.py [--pairs 120] [--concurrency 1,8,32] [--faults]
 
