@@ -228,6 +228,15 @@ class Metrics:
         return out
 
 
+async def _disconnected(request: Request) -> bool:
+    """Returns once the client has gone: after its body, the next ASGI message a request
+    receives is ``http.disconnect`` (a blocking receive: ``Request.is_disconnected`` does not
+    see it through the HTTP middleware)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    return True
+
+
 # -- dynamic batching -------------------------------------------------------------------
 
 @dataclass
@@ -524,15 +533,25 @@ def create_app(rm: RewardModel, options: ServeOptions | None = None,
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ApiError(400, f"malformed JSON: {exc}", reason="bad_json") from None
 
-    async def rewards(encs: list[Encoded], start: float) -> list[float]:
+    async def rewards(encs: list[Encoded], start: float, request: Request) -> list[float]:
+        """The rewards of a request's sequences, or an error when it times out or its client
+        leaves first; either way its job is cancelled, and the collector skips a cancelled
+        job that is still queued (nobody would read its rewards)."""
         future = state["batcher"].submit(encs)
+        gone = asyncio.ensure_future(_disconnected(request))
         left = opts.timeout_s - (time.perf_counter() - start)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), max(left, 0.0))
-        except TimeoutError:
-            future.cancel()  # the collector skips it if it is still queued
-            raise ApiError(504, f"no rewards within {opts.timeout_s:g} s", reason="timeout",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+            await asyncio.wait({future, gone}, timeout=max(left, 0.0),
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if future.done():
+            return future.result()
+        future.cancel()
+        if gone.done() and not gone.cancelled():
+            raise ClientDisconnect()
+        raise ApiError(504, f"no rewards within {opts.timeout_s:g} s", reason="timeout",
+                       headers={"Retry-After": str(RETRY_AFTER_S)})
 
     async def encode(fn, *args):  # type: ignore[no-untyped-def]
         return await asyncio.get_running_loop().run_in_executor(encoder, fn, *args)
@@ -541,19 +560,20 @@ def create_app(rm: RewardModel, options: ServeOptions | None = None,
         return [encode_text(rm, t, special) for t in texts]
 
     async def score_texts_request(texts: list[str], name: str, truncate: bool, special: bool,
-                                  start: float) -> tuple[list[float], list[Encoded], int]:
+                                  start: float, request: Request,
+                                  ) -> tuple[list[float], list[Encoded], int]:
         _check_sizes(texts, name, opts)
         encs = await encode(encode_texts, texts, special)
         cut = _check_truncation(encs, name, truncate, max_length)
         metrics.truncated += cut
-        return await rewards(encs, start), encs, cut
+        return await rewards(encs, start, request), encs, cut
 
     @app.post("/get_reward")
     async def get_reward(request: Request) -> JSONResponse:
         start = time.perf_counter()
         body = parse_body(GetRewardRequest, await read_json(request))
         scores, _, cut = await score_texts_request(body.query, "query", body.truncate, True,
-                                                   start)
+                                                   start, request)
         return JSONResponse({"rewards": scores, "scores": scores, "truncated": cut})
 
     @app.post("/classify")
@@ -565,7 +585,7 @@ def create_app(rm: RewardModel, options: ServeOptions | None = None,
             raise ApiError(400, "activation and use_activation disagree", "use_activation")
         act = body.use_activation if body.use_activation is not None else body.activation
         scores, encs, cut = await score_texts_request(body.input, "input", body.truncate,
-                                                      body.add_special_tokens, start)
+                                                      body.add_special_tokens, start, request)
         # vLLM's response (vllm/entrypoints/pooling/classify/protocol.py and serving.py):
         # ClassificationData(index, label=id2label.get(argmax), probs, num_classes=len(probs))
         # in ClassificationResponse(id="classify-...", object="list", created, model, data,
@@ -611,7 +631,8 @@ def create_app(rm: RewardModel, options: ServeOptions | None = None,
                             body.answers)
         cut = _check_truncation(encs, "answers", body.truncate, max_length)
         metrics.truncated += cut
-        return JSONResponse({"rewards": await rewards(encs, start), "truncated": cut})
+        return JSONResponse({"rewards": await rewards(encs, start, request),
+                             "truncated": cut})
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -7,6 +7,7 @@ SIGTERM while a request is in flight.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import signal
@@ -425,3 +426,33 @@ def test_a_client_gone_mid_upload_is_counted_as_disconnected_not_a_server_error(
     assert metric(text, "crome_rm_errors_total", route="/get_reward", reason="internal") == \
         metric(before, "crome_rm_errors_total", route="/get_reward", reason="internal")
     assert client.post("/get_reward", json={"query": ["still serving"]}).status_code == 200
+
+
+def test_a_request_whose_client_left_is_not_scored(served):
+    """The client sends a whole request and leaves while it waits in the batching window:
+    its job is cancelled and never reaches the model."""
+    import socket
+    from urllib.parse import urlsplit
+
+    opts = ServeOptions(**{**OPTS, "max_wait_ms": 1500, "max_batch": 1000})
+    with RewardServer(served, opts, name="tiny-rm") as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as client:
+        before = client.get("/metrics").text
+        body = json.dumps({"query": ["left before the answer", "a second text"]}).encode()
+        url = urlsplit(srv.url)
+        with socket.create_connection((url.hostname, url.port), timeout=5) as sock:
+            sock.sendall(b"POST /get_reward HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: " + str(len(body)).encode()
+                         + b"\r\n\r\n" + body)
+            time.sleep(0.3)  # read, parsed and queued: then the client goes
+        time.sleep(2.5)  # past the batching window
+        text = client.get("/metrics").text
+        assert metric(text, "crome_rm_sequences_total") == \
+            metric(before, "crome_rm_sequences_total")
+        assert metric(text, "crome_rm_errors_total", route="/get_reward",
+                      reason="disconnected") == 1
+        # a client that stays gets its rewards
+        r = client.post("/get_reward", json={"query": ["stayed"]})
+        assert r.status_code == 200
+        assert metric(client.get("/metrics").text, "crome_rm_sequences_total") == \
+            metric(before, "crome_rm_sequences_total") + 1
