@@ -35,6 +35,7 @@ import itertools
 import json
 import os
 import re
+import shlex
 import signal
 import socket
 import statistics
@@ -44,6 +45,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Self
@@ -70,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                          "float32 rounding between block sizes, not corruption; 0 demands "
                          "bit-for-bit equality, which holds on some CPUs only)")
     ap.add_argument("--start-timeout", type=float, default=180.0)
+    ap.add_argument("--server-args", default="",
+                    help="more crome serve-rm options, e.g. '--max-wait-ms 20'")
     add_common_args(ap, "runs/bench/serve_throughput.json",
                     "torch threads, in this process and the server (default: torch's)")
     return ap.parse_args(argv)
@@ -77,8 +81,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # -- the server -------------------------------------------------------------------------
 
-def start_server(model_dir: Path, port: int, threads: int | None, log_path: Path
-                 ) -> subprocess.Popen[bytes]:
+def start_server(model_dir: Path, port: int, threads: int | None, log_path: Path,
+                 extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT),
                                                         os.environ.get("PYTHONPATH")])))
@@ -86,7 +90,7 @@ def start_server(model_dir: Path, port: int, threads: int | None, log_path: Path
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     cmd = [sys.executable, "-m", "crome.cli", "serve-rm", "--model", str(model_dir),
-           "--port", str(port), "--max-body-bytes", str(MAX_BODY_BYTES)]
+           "--port", str(port), "--max-body-bytes", str(MAX_BODY_BYTES), *extra]
     with open(log_path, "wb") as log:
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
@@ -395,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path = Path(tmp.name) / "server.log"
-    proc = start_server(model_dir, port, args.threads, log_path)
+    proc = start_server(model_dir, port, args.threads, log_path, shlex.split(args.server_args))
     levels: list[Level] = []
     unexpected = 0
     try:
