@@ -222,3 +222,39 @@ def test_the_token_is_sent_as_a_bearer_and_never_shown(served, offline, monkeypa
 
 def test_the_default_token_variable_is_the_servers():
     assert ClientOptions().token_env == ServeOptions().token_env
+
+
+def test_trl_grpo_trains_a_step_on_the_servers_rewards(server, offline, tiny_chat, tmp_path):
+    """TRL's GRPOTrainer with ``reward_funcs=[reward_fn(url)]``: a tiny random Llama policy
+    generates 4 completions for each of 2 conversational prompts; every reward it trains on
+    is the offline reward of that completion, and each prompt's group is one request."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer, LlamaForCausalLM
+    from trl import GRPOConfig, GRPOTrainer
+
+    fn = reward_fn(server.url)
+    calls: list[tuple[list, list, list[float]]] = []
+
+    def crome_rm(prompts, completions, **kwargs):
+        rewards = fn(prompts, completions, **kwargs)
+        calls.append((list(prompts), list(completions), rewards))
+        return rewards
+
+    data = Dataset.from_list([{"prompt": [{"role": "user", "content": f"tell me of {w}"}]}
+                              for w in ("rivers", "bread")])
+    args = GRPOConfig(output_dir=str(tmp_path / "grpo"), per_device_train_batch_size=8,
+                      num_generations=4, max_completion_length=6, max_steps=1, report_to=[],
+                      use_cpu=True, bf16=False, save_strategy="no", logging_steps=1)
+    before = score_requests(server.url)
+    policy = LlamaForCausalLM.from_pretrained(tiny_chat)  # the tiny Llama with an LM head
+    trainer = GRPOTrainer(model=policy, reward_funcs=[crome_rm], args=args,
+                          train_dataset=data,
+                          processing_class=AutoTokenizer.from_pretrained(tiny_chat))
+    trainer.train()
+    ((prompts, completions, rewards),) = calls
+    assert len(completions) == 8 and len({str(p) for p in prompts}) == 2
+    assert isinstance(completions[0], list) and completions[0][0]["role"] == "assistant"
+    answers = [c[0]["content"] for c in completions]
+    assert rewards == score_texts(offline, prompts, answers)
+    assert score_requests(server.url) - before == 2  # one /score request per prompt's group
+    assert trainer.state.global_step == 1
