@@ -3,7 +3,7 @@
 The baseline is what one writes without crome: the answers in input order, ``batch_size``
 (32) at a time, ``tokenizer(prompt_text, answer, truncation=True, max_length=256,
 padding=True)`` and ``model(**batch)`` under ``torch.inference_mode``. crome sorts by length,
-pads to multiples of 16 and runs fixed 8-row blocks (so scores do not depend on batch size).
+pads to multiples of 16 and keeps a row's result independent of its batch (crome/score.py).
 Both use the same model (a fresh ``RewardModel.create()``: throughput does not depend on
 training), fp32, on the same helpful-base pairs (the first ``--pairs``), and both timings
 include tokenisation. The prompt text of the baseline is crome's plain rendering of the chat

@@ -492,7 +492,7 @@ def serve_rm_cmd(
 ) -> None:
     """Serve a reward model over HTTP for RL loops and best-of-N: POST /get_reward
     (OpenRLHF), /classify (vLLM's API, as verl calls it), /score (prompt + answers); GET
-    /health, /metrics. Rewards equal `crome score`'s (to float32 rounding on some CPUs); Ctrl-C stops it."""
+    /health, /metrics. Rewards equal `crome score`'s bit for bit; Ctrl-C stops it."""
     from crome.serve_rm import ServeOptions, serve_rm
 
     serve_rm(model, ServeOptions(

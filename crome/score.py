@@ -2,21 +2,23 @@
 
 Speed comes from sorting by length: sequences of similar length share a batch, so little
 compute is spent on padding. Batch-size independence is by construction, because a CPU matrix
-multiply gives a row a result that depends on the shape of the batch it sits in (we measured
-differences of ~2e-8 between batch sizes 1, 7 and 32 with plain padding). So:
+multiply can give a row a result that depends on the shape of the batch it sits in (we
+measured differences of ~2e-8 between batch sizes 1, 7 and 32 with plain padding, and up to
+3.4e-8 between 8-row and 64-row blocks of the real MiniLM on an Intel Xeon). So:
 
 * each sequence is padded to a multiple of ``PAD_MULTIPLE`` tokens that depends on its own
   length only, and batches hold sequences of one such length bucket;
-* every forward pass runs on a whole number of ``BLOCK_ROWS``-row blocks: ``batch_size`` is
-  rounded up to a multiple of ``BLOCK_ROWS`` and a short chunk is filled with copies of its
-  first row (their results are thrown away).
+* a row's result must not depend on how many rows share its forward pass. crome sets MKL's
+  strict reproducible mode (``MKL_CBWR=AUTO,STRICT``, in ``crome/__init__.py``) and
+  :func:`rows_independent` checks, once per process, that matrix products of this machine
+  give every row the same bits whatever rows share them. Where they do, a forward pass
+  holds exactly the rows it has; where they do not (another BLAS, a GPU, MKL set up before
+  crome was imported), every forward pass runs on whole ``BLOCK_ROWS``-row blocks, a short
+  chunk filled with copies of its first row (results thrown away), which held on the
+  machines we measured for 8 rows and up except that Xeon.
 
-With both, we measured a sequence's reward to be bit-identical for batch sizes 8 to 128, fp32
-and bf16, 1 and 2 threads; ``tests/test_score.py`` checks it on every run. It rests on the
-CPU kernels computing a row the same way in any block-aligned position, not on a proof, and
-it does not hold everywhere: on an Intel Xeon (family 6 model 167, 2026-12-02) the real
-MiniLM at 256 tokens gives a sequence rewards up to 3.4e-8 apart in 8-row and 64-row blocks
-(164 of 200 answers; 16 vs 64 rows: 7; 32 vs 64: none).
+``tests/test_score.py`` checks bit-identical rewards for batch sizes 1 to 64 on every run,
+and on the real MiniLM for random chunks of a batch.
 """
 
 from __future__ import annotations
@@ -120,12 +122,44 @@ def autocast(enabled: bool, device_type: str = "cpu"):  # type: ignore[no-untype
     return torch.autocast(device_type, dtype=torch.bfloat16) if enabled else nullcontext()
 
 
+# Shapes (inner, outer) of the probe's matrix products: a small encoder's attention and
+# feed-forward layers, and a wider one.
+_PROBE_SHAPES = ((384, 384), (384, 1536), (1536, 384), (1024, 1024))
+# (first row, rows) taken out of the probe's 1,024-row product and computed on their own
+_PROBE_SLICES = ((0, 1), (3, 1), (0, 3), (5, 8), (16, 16), (100, 37), (0, 512), (200, 824))
+
+
+@functools.cache
+def rows_independent(bf16: bool = False, device_type: str = "cpu") -> bool:
+    """Whether this machine's matrix products give a row the same bits whatever other rows
+    share the product (checked on random data, once per process and setting)."""
+    if device_type != "cpu":
+        return False  # GPU libraries choose kernels by shape: keep the blocks
+    gen = torch.Generator().manual_seed(0)
+    with torch.inference_mode(), autocast(bf16):
+        for k, n in _PROBE_SHAPES:
+            x = torch.randn(1024, k, generator=gen)
+            w = torch.randn(n, k, generator=gen)
+            full = torch.nn.functional.linear(x, w)
+            for start, rows in _PROBE_SLICES:
+                part = torch.nn.functional.linear(x[start:start + rows], w)
+                if not torch.equal(part, full[start:start + rows]):
+                    return False
+    return True
+
+
+def row_block(bf16: bool = False, device_type: str = "cpu") -> int:
+    """Rows a forward pass is padded to a multiple of: 1 where rows are independent."""
+    return 1 if rows_independent(bf16, device_type) else BLOCK_ROWS
+
+
 def score_encoded(rm: RewardModel, encs: Sequence[Encoded], options: ScoreOptions | None = None,
                   stats: ScoreStats | None = None,
                   on_batch: Callable[[int], None] | None = None) -> list[float]:
     """Rewards for already-encoded sequences, in their order."""
     opts = options or ScoreOptions()
-    bs = max(BLOCK_ROWS, -(-opts.batch_size // BLOCK_ROWS) * BLOCK_ROWS)
+    block = row_block(opts.bf16, rm.device.type)
+    bs = max(block, -(-opts.batch_size // block) * block)
     buckets: dict[int, list[int]] = defaultdict(list)
     for i, e in enumerate(encs):
         buckets[-(-len(e) // PAD_MULTIPLE)].append(i)
@@ -140,7 +174,7 @@ def score_encoded(rm: RewardModel, encs: Sequence[Encoded], options: ScoreOption
                 for s in range(0, len(idxs), bs):
                     chunk = idxs[s:s + bs]
                     rows = [encs[i] for i in chunk]
-                    rows += [rows[0]] * (-len(rows) % BLOCK_ROWS)
+                    rows += [rows[0]] * (-len(rows) % block)
                     batch = rm.formatter.collate(rows, PAD_MULTIPLE)
                     rewards = rm.forward(batch).float().tolist()
                     for i, r in zip(chunk, rewards):

@@ -15,10 +15,9 @@ Routes (JSON in, JSON out; every error is ``{"error": {"message", "field", "type
 Dynamic batching: requests wait in one bounded asyncio queue; one collector takes up to
 ``max_batch`` sequences (or what came within ``max_wait_ms``) and scores them in one call of
 :func:`crome.score.score_encoded` on a single worker thread (the model is not thread-safe).
-That scorer pads every forward pass to whole blocks of one length bucket, so a reward served
-here equals ``crome score``'s whatever else shared its batch: bit for bit where the CPU's
-kernels compute a row alike in 8-row and larger blocks (``tests/test_serve_rm.py``), to
-float32 rounding (≤ 4e-8 measured) where they do not (see ``crome/score.py``).
+That scorer gives a sequence the same reward whatever else shares its batch (see
+``crome/score.py``), so a reward served here equals ``crome score``'s bit for bit
+(``tests/test_serve_rm.py``).
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ import torch
 
 from crome.data.io import write_pairs
 from crome.model import ModelOptions, RewardModel
+import crome.score
+from crome.data.sources import load_source
 from crome.score import (
     BLOCK_ROWS,
     RewardModelScorer,
@@ -17,6 +19,9 @@ from crome.score import (
     ScoreStats,
     score_file,
     score_pairs,
+    row_block,
+    rows_independent,
+    score_encoded,
     score_texts,
 )
 
@@ -85,7 +90,45 @@ def test_score_pairs_matches_score_texts_and_counts(bert_rm, helpers):
                                    [r.rejected for r in records])
     assert stats.sequences == 20 == stats.truncation.sequences
     assert 0 < stats.non_padding_fraction <= 1
-    assert stats.padded_tokens % BLOCK_ROWS == 0
+    assert stats.padded_tokens % row_block() == 0
+
+
+@pytest.mark.parametrize("independent", [True, False])
+def test_forward_passes_are_padded_to_blocks_only_where_rows_depend_on_each_other(
+        bert_rm, helpers, monkeypatch, independent):
+    monkeypatch.setattr(crome.score, "rows_independent", lambda *a: independent)
+    records = helpers.varied_pairs(5, seed=16)
+    stats = ScoreStats()
+    rows: list[int] = []
+    forward = bert_rm.forward
+    monkeypatch.setattr(bert_rm, "forward", lambda b: rows.append(len(b.input_ids)) or forward(b))
+    got = score_texts(bert_rm, [r.prompt for r in records], [r.chosen for r in records],
+                      stats=stats)
+    assert sum(rows) == 5 if independent else all(n % BLOCK_ROWS == 0 for n in rows)
+    monkeypatch.undo()
+    assert got == score_texts(bert_rm, [r.prompt for r in records], [r.chosen for r in records])
+
+
+def test_the_real_minilm_scores_a_row_alike_in_any_chunk_of_a_batch():
+    # The case that broke 8-row blocks on an Intel Xeon: 256 tokens, real weights, rows
+    # scored in random chunks (as the reward server's batches take them) vs all at once.
+    records = load_source("hh-rlhf/helpful-base", limit=60).records
+    rm = RewardModel.create(ModelOptions(max_length=256))
+    encs = rm.formatter.encode_many([r.prompt for r in records] * 2,
+                                    [r.chosen for r in records] + [r.rejected for r in records])
+    whole = score_encoded(rm, encs, ScoreOptions(batch_size=64))
+    order = list(range(len(encs)))
+    random.Random(0).shuffle(order)
+    chunked: dict[int, float] = {}
+    rng = random.Random(1)
+    start = 0
+    while start < len(order):
+        idx = order[start:start + rng.randint(1, 40)]
+        chunked.update(zip(idx, score_encoded(rm, [encs[i] for i in idx])))
+        start += len(idx)
+    assert [chunked[i] for i in range(len(encs))] == whole
+    if rows_independent():
+        assert row_block() == 1
 
 
 def test_scoring_leaves_the_training_mode_alone(bert_rm, helpers):
