@@ -585,6 +585,9 @@ def experiment_cmd(
                                                    "CIs worth reading)")] = None,
     tie_ratios: Annotated[str | None, typer.Option(
         help="tie:causal sweep, e.g. 0.5,1,2: arms crome-ties-<r>x")] = None,
+    causal_fractions: Annotated[str | None, typer.Option(
+        help="learning curve over causal-pair counts, e.g. 0.25,0.5: arms "
+             "crome-causal-<f>")] = None,
     max_train: Annotated[int | None, typer.Option(
         help="Original training pairs (seeded sample); 0 = all")] = None,
     max_eval: Annotated[int | None, typer.Option(
@@ -628,7 +631,8 @@ def experiment_cmd(
     off-prompt answers tie); causal-only: the causal pairs the filter kept; neutral-only:
     the neutral pairs the filter kept; crome: both; crome-nofilter: every causal and neutral
     pair, unfiltered; crome-ties-<r>x (--tie-ratios): the kept causal pairs and r times as
-    many kept neutral pairs. The augmentation and the baseline (vanilla, first seed; also
+    many kept neutral pairs; crome-causal-<f> (--causal-fractions): a nested fraction f of
+    the kept causal pairs and every kept neutral pair. The augmentation and the baseline (vanilla, first seed; also
     the filter's baseline) are made once and shared.
 
     Presets: quickstart (vanilla and crome, seeds 0,1,2, 600 training pairs, 12 pairs
@@ -643,7 +647,8 @@ def experiment_cmd(
 
     opts = preset_options(
         preset, output_dir=output_dir, data_dir=data_dir, arms=_csv(arms, str),
-        seeds=_csv(seeds, int), tie_ratios=_csv(tie_ratios, float), backbone=backbone,
+        seeds=_csv(seeds, int), tie_ratios=_csv(tie_ratios, float),
+        causal_fractions=_csv(causal_fractions, float), backbone=backbone,
         lora_r=lora_r, max_length=max_length, epochs=epochs, batch_size=batch_size, lr=lr,
         tie_weight=tie_weight, oracle=oracle, oracle_model=oracle_model,
         cache=cache, augment_pairs=augment_pairs, attributes_per_pair=attributes,

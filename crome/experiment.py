@@ -84,6 +84,10 @@ ARMS: dict[str, str] = {
 # The tie:causal sweep adds arms ``crome-ties-<r>x``: the kept causal pairs and r times as
 # many kept neutral pairs (a seeded sample).
 SWEEP_PREFIX = "crome-ties-"
+# The learning curve over causal-pair counts adds arms ``crome-causal-<f>``: a fraction f of
+# the kept causal pairs (nested: a smaller fraction's pairs are in every larger one) and
+# every kept neutral pair, so f = 1 is the crome arm.
+CURVE_PREFIX = "crome-causal-"
 
 # (arm, reference) differences reported, where both arms ran; sweep arms go against crome.
 COMPARISONS: tuple[tuple[str, str], ...] = (
@@ -100,6 +104,7 @@ class ExperimentOptions:
     arms: tuple[str, ...] = ("vanilla", "crome")
     seeds: tuple[int, ...] = (0, 1, 2)
     tie_ratios: tuple[float, ...] = ()  # the tie:causal sweep
+    causal_fractions: tuple[float, ...] = ()  # the learning curve over causal-pair counts
     # original data and training (the same for every arm)
     max_train: int | None = 600  # a seeded sample of the training pairs; None = all
     data_seed: int = 0
@@ -137,6 +142,7 @@ class ExperimentOptions:
         self.arms = tuple(self.arms)
         self.seeds = tuple(self.seeds)
         self.tie_ratios = tuple(self.tie_ratios)
+        self.causal_fractions = tuple(self.causal_fractions)
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown:
             raise ValueError(f"unknown arm(s) {', '.join(unknown)}; known: {', '.join(ARMS)}")
@@ -147,16 +153,32 @@ class ExperimentOptions:
             raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
         if any(r <= 0 for r in self.tie_ratios):
             raise ValueError(f"tie ratios must be positive, got {self.tie_ratios}")
+        if any(not 0 < f < 1 for f in self.causal_fractions):
+            raise ValueError(f"causal fractions must be between 0 and 1 (1 is the crome arm), "
+                             f"got {self.causal_fractions}")
         if not self.output_dir:
             self.output_dir = f"runs/{self.preset}"
 
     @property
     def all_arms(self) -> list[str]:
-        return [*self.arms, *(sweep_arm(r) for r in self.tie_ratios)]
+        return [*self.arms, *(sweep_arm(r) for r in self.tie_ratios),
+                *(curve_arm(f) for f in self.causal_fractions)]
 
 
 def sweep_arm(ratio: float) -> str:
     return f"{SWEEP_PREFIX}{ratio:g}x"
+
+
+def curve_arm(fraction: float) -> str:
+    return f"{CURVE_PREFIX}{fraction:g}"
+
+
+def arm_description(arm: str) -> str:
+    if arm.startswith(SWEEP_PREFIX):
+        return "the kept causal pairs and r× as many kept neutral pairs"
+    if arm.startswith(CURVE_PREFIX):
+        return "a nested fraction of the kept causal pairs, and every kept neutral pair"
+    return ARMS[arm]
 
 
 # Presets: the smallest (the quickstart, ~30 min on 2 CPU cores) to a GPU-cluster run with
@@ -332,6 +354,12 @@ def arm_data(arm: str, originals: list[PairRecord], aug: Augmented, seed: int) -
         causal, neutral = aug.kept_of("causal"), aug.kept_of("neutral")
         k = min(len(neutral), round(ratio * len(causal)))
         extra = causal + random.Random(f"{seed}\0{arm}").sample(neutral, k)
+    elif arm.startswith(CURVE_PREFIX):
+        fraction = float(arm.removeprefix(CURVE_PREFIX))
+        causal = aug.kept_of("causal")
+        # one order for every fraction and seed: the curve adds pairs, it does not swap them
+        random.Random("causal-curve").shuffle(causal)
+        extra = causal[:round(fraction * len(causal))] + aug.kept_of("neutral")
     else:
         raise ValueError(f"unknown arm {arm!r}")
     return originals + extra
@@ -449,8 +477,7 @@ def experiment(options: ExperimentOptions | None = None,
         "data_dir": str(data_dir),
         "train_sources": list(TRAIN_SOURCES),
         "held_out": [es.name for es in sets],
-        "arms": {a: ARMS.get(a, "the kept causal pairs and r× as many kept neutral pairs")
-                 for a in arms},
+        "arms": {a: arm_description(a) for a in arms},
         "augment": aug.reports,
         "train": {a: {str(s): trained[a][s] for s in opts.seeds} for a in arms},
         "figures": {f.name: {"units": f.n_units, "scale": f.scale,
@@ -481,8 +508,8 @@ def experiment(options: ExperimentOptions | None = None,
 
 # Options a resumed run may change: what to run more of, and how to report it. Any other
 # change would mix stages made under different settings in one table.
-RESUMABLE_CHANGES = ("output_dir", "preset", "arms", "seeds", "tie_ratios", "bootstrap",
-                     "progress", "data_dir", "cache")
+RESUMABLE_CHANGES = ("output_dir", "preset", "arms", "seeds", "tie_ratios", "causal_fractions",
+                     "bootstrap", "progress", "data_dir", "cache")
 
 
 def check_resumable(path: Path, opts: ExperimentOptions) -> None:
@@ -508,6 +535,8 @@ def comparisons(arms: Sequence[str]) -> list[tuple[str, str]]:
     pairs = [(a, b) for a, b in COMPARISONS if a in present and b in present]
     if "crome" in present:
         pairs += [(a, "crome") for a in arms if a.startswith(SWEEP_PREFIX)]
+    if "vanilla" in present:  # the curve: Crome's gain over vanilla at each causal count
+        pairs += [(a, "vanilla") for a in arms if a.startswith(CURVE_PREFIX)]
     return pairs
 
 

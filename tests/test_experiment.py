@@ -53,6 +53,24 @@ def test_the_tie_sweep_samples_r_times_the_kept_causal_pairs(pools):
         arm_data("crome-ties-2x", originals, aug, 0)
 
 
+def test_the_learning_curve_takes_nested_fractions_of_the_kept_causal_pairs(pools):
+    originals, aug = pools
+    causal = {f: [r for r in arm_data(f"crome-causal-{f:g}", originals, aug, seed=s)[10:]
+                  if r.label != "tie"] for f, s in ((0.25, 0), (0.5, 1), (0.75, 2))}
+    assert [len(c) for c in causal.values()] == [1, 2, 3]  # round(f × 4 kept causal pairs)
+    assert causal[0.25] == causal[0.5][:1] and causal[0.5] == causal[0.75][:2]  # nested
+    assert set(map(id, causal[0.75])) <= set(map(id, aug.kept_of("causal")))
+    # every kept neutral pair, whatever the fraction
+    half = arm_data("crome-causal-0.5", originals, aug, 0)[10:]
+    assert sum(r.label == "tie" for r in half) == 12
+    with pytest.raises(ValueError, match="between 0 and 1"):
+        preset_options(causal_fractions=(1.0,))
+    opts = preset_options(causal_fractions=(0.25, 0.5))
+    assert opts.all_arms[-2:] == ["crome-causal-0.25", "crome-causal-0.5"]
+    assert ("crome-causal-0.5", "vanilla") in comparisons(["vanilla", "crome",
+                                                            "crome-causal-0.5"])
+
+
 def test_presets_and_overrides():
     quick = preset_options("quickstart")
     assert quick.arms == ("vanilla", "crome") and len(quick.seeds) >= 3
