@@ -632,8 +632,8 @@ def experiment_cmd(
     the neutral pairs the filter kept; crome: both; crome-nofilter: every causal and neutral
     pair, unfiltered; crome-ties-<r>x (--tie-ratios): the kept causal pairs and r times as
     many kept neutral pairs; crome-causal-<f> (--causal-fractions): a nested fraction f of
-    the kept causal pairs and every kept neutral pair. The augmentation and the baseline (vanilla, first seed; also
-    the filter's baseline) are made once and shared.
+    the kept causal pairs and every kept neutral pair. The augmentation and the baseline
+    (vanilla, first seed; also the filter's baseline) are made once and shared.
 
     Presets: quickstart (vanilla and crome, seeds 0,1,2, 600 training pairs, 12 pairs
     augmented by the local oracle; ~30 min on 2 CPU cores), standard (every arm, tie:causal

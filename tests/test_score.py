@@ -8,20 +8,20 @@ import random
 import pytest
 import torch
 
-from crome.data.io import write_pairs
-from crome.model import ModelOptions, RewardModel
 import crome.score
+from crome.data.io import write_pairs
 from crome.data.sources import load_source
+from crome.model import ModelOptions, RewardModel
 from crome.score import (
     BLOCK_ROWS,
     RewardModelScorer,
     ScoreOptions,
     ScoreStats,
-    score_file,
-    score_pairs,
     row_block,
     rows_independent,
     score_encoded,
+    score_file,
+    score_pairs,
     score_texts,
 )
 
@@ -98,12 +98,10 @@ def test_forward_passes_are_padded_to_blocks_only_where_rows_depend_on_each_othe
         bert_rm, helpers, monkeypatch, independent):
     monkeypatch.setattr(crome.score, "rows_independent", lambda *a: independent)
     records = helpers.varied_pairs(5, seed=16)
-    stats = ScoreStats()
     rows: list[int] = []
     forward = bert_rm.forward
     monkeypatch.setattr(bert_rm, "forward", lambda b: rows.append(len(b.input_ids)) or forward(b))
-    got = score_texts(bert_rm, [r.prompt for r in records], [r.chosen for r in records],
-                      stats=stats)
+    got = score_texts(bert_rm, [r.prompt for r in records], [r.chosen for r in records])
     assert sum(rows) == 5 if independent else all(n % BLOCK_ROWS == 0 for n in rows)
     monkeypatch.undo()
     assert got == score_texts(bert_rm, [r.prompt for r in records], [r.chosen for r in records])
