@@ -80,6 +80,9 @@ class Encoded:
     token_type_ids: list[int] | None
     prompt_truncated: bool = False
     answer_truncated: bool = False
+    # Leading tokens that are the prompt alone (the answer's come after): 0 where the two
+    # are not separable (pair templates, fully templated texts). Prefix sharing groups on it.
+    prompt_tokens: int = 0
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -221,13 +224,15 @@ class Formatter:
         if self.use_template or self.mode == "plain_join":
             ids = lead + pe.ids + ae.ids + ([self.eos_id] if extra_eos else [])
             types = [0] * len(ids) if self.uses_type_ids else None
+            prompt_tokens = len(lead) + len(pe.ids)
         else:
             enc = self.backend.post_process(pe, ae, add_special_tokens=True)
             ids = enc.ids
             types = None
             if self.uses_type_ids:
                 types = enc.type_ids if self.answer_type_ids else [0] * len(ids)
-        return Encoded(ids, types, p_trunc, a_trunc)
+            prompt_tokens = 0
+        return Encoded(ids, types, p_trunc, a_trunc, prompt_tokens)
 
     def encode_many(self, prompts: list[Prompt], answers: list[str],
                     counts: TruncationCounts | None = None) -> list[Encoded]:

@@ -28,7 +28,7 @@ import json
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +38,15 @@ import torch
 
 from crome.data.io import ReadReport, read_pairs
 from crome.data.schema import PairRecord, Prompt
-from crome.model import Encoded, RewardModel, TruncationCounts
+from crome.model import Batch, Encoded, RewardModel, TruncationCounts
+from crome.packing import (
+    Pack,
+    PackedBatch,
+    build_packs,
+    collate_for,
+    packed_rewards,
+    resolve_prefix_sharing,
+)
 
 BLOCK_ROWS = 8
 PAD_MULTIPLE = 16
@@ -46,8 +54,12 @@ PAD_MULTIPLE = 16
 
 @dataclass
 class ScoreOptions:
-    batch_size: int = 64
+    batch_size: int = 64  # answers per forward pass
     bf16: bool = False  # fp32 by default: scores are a measurement, keep them exact
+    # Decoders: answers to the same prompt share one encoding of it (crome.packing); None:
+    # wherever the model passes the packing probe, True: required, False: one row per answer
+    prefix_sharing: bool | None = None
+    max_pack_tokens: int = 4096  # tokens per packed row (the mask costs rows x L^2)
 
 
 @dataclass
@@ -55,6 +67,7 @@ class ScoreStats:
     sequences: int = 0
     real_tokens: int = 0
     padded_tokens: int = 0
+    shared_tokens: int = 0  # prompt tokens not run again, thanks to prefix sharing
     seconds: float = 0.0
     truncation: TruncationCounts = field(default_factory=TruncationCounts)
 
@@ -153,6 +166,44 @@ def row_block(bf16: bool = False, device_type: str = "cpu") -> int:
     return 1 if rows_independent(bf16, device_type) else BLOCK_ROWS
 
 
+def _plain_chunks(rm: RewardModel, encs: Sequence[Encoded], rows: int, block: int,
+                  ) -> Iterator[tuple[list[int], Batch, int, int]]:
+    """(sequence indices, batch, real tokens, shared tokens) of length-bucketed chunks."""
+    buckets: dict[int, list[int]] = defaultdict(list)
+    for i, e in enumerate(encs):
+        buckets[-(-len(e) // PAD_MULTIPLE)].append(i)
+    for key in sorted(buckets):
+        idxs = buckets[key]
+        for s in range(0, len(idxs), rows):
+            chunk = idxs[s:s + rows]
+            seqs = [encs[i] for i in chunk]
+            seqs += [seqs[0]] * (-len(seqs) % block)
+            yield chunk, rm.formatter.collate(seqs, PAD_MULTIPLE), \
+                sum(len(encs[i]) for i in chunk), 0
+
+
+def _packed_chunks(rm: RewardModel, encs: Sequence[Encoded], answers: int, block: int,
+                   max_tokens: int) -> Iterator[tuple[list[int], PackedBatch, int, int]]:
+    """The same for prefix-shared packs: a chunk holds packs of one length bucket and at
+    most ``answers`` answers (at least one pack)."""
+    buckets: dict[int, list[Pack]] = defaultdict(list)
+    for p in build_packs(encs, max_tokens):
+        buckets[-(-p.length // PAD_MULTIPLE)].append(p)
+    for key in sorted(buckets):
+        chunk: list[Pack] = []
+        for p in buckets[key] + [None]:  # type: ignore[list-item]
+            if chunk and (p is None or sum(len(c.members) for c in chunk) + len(p.members)
+                          > answers):
+                rows = chunk + [chunk[0]] * (-len(chunk) % block)
+                yield ([i for c in chunk for i in c.members],
+                       collate_for(rm, rows, PAD_MULTIPLE),
+                       sum(c.length for c in chunk),
+                       sum(c.unshared_length - c.length for c in chunk))
+                chunk = []
+            if p is not None:
+                chunk.append(p)
+
+
 def score_encoded(rm: RewardModel, encs: Sequence[Encoded], options: ScoreOptions | None = None,
                   stats: ScoreStats | None = None,
                   on_batch: Callable[[int], None] | None = None) -> list[float]:
@@ -160,30 +211,28 @@ def score_encoded(rm: RewardModel, encs: Sequence[Encoded], options: ScoreOption
     opts = options or ScoreOptions()
     block = row_block(opts.bf16, rm.device.type)
     bs = max(block, -(-opts.batch_size // block) * block)
-    buckets: dict[int, list[int]] = defaultdict(list)
-    for i, e in enumerate(encs):
-        buckets[-(-len(e) // PAD_MULTIPLE)].append(i)
+    sharing = bool(encs) and resolve_prefix_sharing(rm, opts.prefix_sharing)
     out: list[float] = [0.0] * len(encs)
     was_training = rm.model.training
     rm.model.eval()
     start = time.perf_counter()
+    chunks = (_packed_chunks(rm, encs, bs, block, opts.max_pack_tokens) if sharing
+              else _plain_chunks(rm, encs, bs, block))
     try:
         with torch.inference_mode(), autocast(opts.bf16, rm.device.type):
-            for key in sorted(buckets):
-                idxs = buckets[key]
-                for s in range(0, len(idxs), bs):
-                    chunk = idxs[s:s + bs]
-                    rows = [encs[i] for i in chunk]
-                    rows += [rows[0]] * (-len(rows) % block)
-                    batch = rm.formatter.collate(rows, PAD_MULTIPLE)
-                    rewards = rm.forward(batch).float().tolist()
-                    for i, r in zip(chunk, rewards):
-                        out[i] = r
-                    if stats is not None:
-                        stats.real_tokens += sum(len(encs[i]) for i in chunk)
-                        stats.padded_tokens += int(batch.input_ids.numel())
-                    if on_batch is not None:
-                        on_batch(len(chunk))
+            for chunk, batch, real, shared in chunks:
+                if isinstance(batch, PackedBatch):
+                    rewards = packed_rewards(rm.model, batch.to(rm.device))
+                else:
+                    rewards = rm.forward(batch)
+                for i, r in zip(chunk, rewards.float().tolist()):
+                    out[i] = r
+                if stats is not None:
+                    stats.real_tokens += real
+                    stats.shared_tokens += shared
+                    stats.padded_tokens += int(batch.input_ids.numel())
+                if on_batch is not None:
+                    on_batch(len(chunk))
     finally:
         rm.model.train(was_training)
     if stats is not None:

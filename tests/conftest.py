@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TEST_THREADS = int(os.environ.get("CROME_TEST_THREADS", "1"))
 torch.set_num_threads(TEST_THREADS)
 
-from crome.data.schema import PairRecord  # noqa: E402
+from crome.data.schema import PairRecord
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,8 +35,7 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
 
 # Plain words that the MiniLM vocabulary holds as single tokens.
-WORDS = ("the cat dog runs quickly over lazy fox answer question model reward house tree "
-         "river blue green small large happy water music city window paper light").split()
+WORDS = ["the", "cat", "dog", "runs", "quickly", "over", "lazy", "fox", "answer", "question", "model", "reward", "house", "tree", "river", "blue", "green", "small", "large", "happy", "water", "music", "city", "window", "paper", "light"]
 
 
 def _tokenizer():
@@ -135,6 +134,20 @@ def tie_pairs(n: int, seed: int = 0) -> list[PairRecord]:
             for i in range(n)]
 
 
+def perturbed_rm(backbone: str, seed: int = 0, **options):
+    """A fresh RM (``max_length`` 128, 16 prompt tokens kept unless given) whose weights are
+    all nudged by N(0, 0.05²) noise, so rewards differ clearly between answers."""
+    from crome.model import ModelOptions, RewardModel
+
+    kw = {"max_length": 128, "min_prompt_tokens": 16, **options}
+    rm = RewardModel.create(ModelOptions(backbone=backbone, seed=seed, **kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in rm.model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+    return rm
+
+
 @pytest.fixture(scope="session")
 def helpers():
     """The record builders above, for test modules (which cannot import conftest)."""
@@ -149,6 +162,7 @@ def helpers():
     h.cli_env = cli_env
     h.free_port = free_port
     h.run_cli = run_cli
+    h.perturbed_rm = perturbed_rm
     return h
 
 

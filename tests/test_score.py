@@ -6,7 +6,6 @@ import json
 import random
 
 import pytest
-import torch
 
 import crome.score
 from crome.data.io import write_pairs
@@ -28,24 +27,14 @@ from crome.score import (
 BATCH_SIZES = (1, 8, 16, 64)
 
 
-def perturbed(backbone: str, seed: int = 0) -> RewardModel:
-    rm = RewardModel.create(ModelOptions(backbone=backbone, max_length=128,
-                                         min_prompt_tokens=16, seed=seed))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in rm.model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    return rm
+@pytest.fixture(scope="module")
+def bert_rm(tiny_bert, helpers) -> RewardModel:
+    return helpers.perturbed_rm(tiny_bert)
 
 
 @pytest.fixture(scope="module")
-def bert_rm(tiny_bert) -> RewardModel:
-    return perturbed(tiny_bert)
-
-
-@pytest.fixture(scope="module")
-def chat_rm(tiny_chat) -> RewardModel:
-    return perturbed(tiny_chat)
+def chat_rm(tiny_chat, helpers) -> RewardModel:
+    return helpers.perturbed_rm(tiny_chat)
 
 
 @pytest.fixture(scope="module")
@@ -53,20 +42,26 @@ def saved_rm(bert_rm, tmp_path_factory):
     return bert_rm.save(tmp_path_factory.mktemp("saved-rm") / "rm")
 
 
-@pytest.mark.parametrize("which", ["bert_rm", "chat_rm"])
-def test_scores_are_identical_for_every_batch_size(request, helpers, which):
+@pytest.mark.parametrize("which,sharing", [("bert_rm", None), ("chat_rm", False),
+                                           ("chat_rm", True)])
+def test_scores_are_identical_for_every_batch_size(request, helpers, which, sharing):
     rm = request.getfixturevalue(which)
     records = helpers.varied_pairs(40, seed=11)
     lengths = {len(e) for e in rm.formatter.encode_many(
         [r.prompt for r in records], [r.chosen for r in records])}
     assert max(lengths) - min(lengths) > 60  # several length buckets
-    results = {bs: score_pairs(rm, records, ScoreOptions(batch_size=bs))
+    results = {bs: score_pairs(rm, records, ScoreOptions(batch_size=bs, prefix_sharing=sharing))
                for bs in BATCH_SIZES}
     for bs in BATCH_SIZES[1:]:
         assert results[bs] == results[1], f"batch size {bs} differs from 1"
-    # and the same as scoring each answer on its own
-    one = score_texts(rm, [records[7].prompt], [records[7].rejected])
-    assert one == [results[1][1][7]]
+    # and the same as scoring each answer on its own: bit for bit one row per answer; a
+    # packed answer's attention also holds its pack-mates' (masked) keys, so within rounding
+    one = score_texts(rm, [records[7].prompt], [records[7].rejected],
+                      ScoreOptions(prefix_sharing=sharing))
+    if sharing:
+        assert one == pytest.approx([results[1][1][7]], rel=1e-6, abs=1e-7)
+    else:
+        assert one == [results[1][1][7]]
 
 
 def test_scores_follow_the_input_order(bert_rm, helpers):
