@@ -1,24 +1,31 @@
 """Training throughput: crome's trainer against TRL's ``RewardTrainer``, side by side.
 
-Both trainers get the same thing, so that the only difference left is how they train:
+Arms: ``trl``; ``crome`` (its defaults: on a decoder, prefix sharing where the model passes the
+packing probe, ``crome/packing.py``); ``crome-plain`` (prefix sharing off: one row per answer,
+crome's length grouping only). Every arm gets the same thing, so that the only difference left
+is how it trains:
 
-* the same backbone (the packaged MiniLM) with the same freshly initialised head (both models
-  come from ``RewardModel.create`` with the same seed);
+* the same backbone (``--backbone``: the packaged MiniLM by default, or the packaged
+  Qwen2.5-Coder-0.5B-Instruct as ``qwen2.5-coder-0.5b-instruct``, or a path) with the same
+  freshly initialised head and, with ``--lora-r``, the same LoRA adapters (every model comes
+  from ``RewardModel.create`` with the same seed);
 * the same pairs: a seeded sample of the hh-rlhf training sets, encoded *once* by crome's
   ``Formatter`` (``max_length`` tokens, prompt start cut first). TRL is handed those token ids
   pre-tokenised (``chosen_ids``/``rejected_ids``, plus the BERT segment ids, see below), so it
   sees the very same sequences and its ``max_length`` filter drops nothing (counted, not
   assumed);
-* the same settings: fp32, dropout off, batch 16, lr 3e-5, linear schedule with crome's 5%
-  warmup, AdamW (torch), no weight decay, no gradient clipping (crome does not clip), no
-  gradient checkpointing (crome does not checkpoint; TRL's default is on), no eval, no
-  checkpoints, one epoch, the same seed.
+* the same settings: fp32 (or ``--bf16`` autocast for all), dropout off, batch 16, lr 3e-5,
+  linear schedule with crome's 5% warmup, AdamW (torch), no weight decay, no gradient clipping
+  (crome does not clip), no gradient checkpointing (crome does not checkpoint; TRL's default
+  is on), no eval, no checkpoints, one epoch, the same seed.
 
-Each trainer runs in its own subprocess, one after the other, so peak RSS is its own. Pairs/s
-is measured over the training loop only (crome: ``TrainSummary.pairs_per_second``; TRL: from
+Each arm runs in its own subprocess, one after the other, so peak RSS is its own. Pairs/s is
+measured over the training loop only (crome: ``TrainSummary.pairs_per_second``; TRL: from
 ``on_train_begin`` to ``on_train_end``); the whole subprocess wall time is printed beside it.
-Afterwards both trained models are scored by the same code (``crome.score.score_pairs``, the
-same ``Formatter`` settings) on held-out helpful-base pairs.
+Afterwards each subprocess scores its trained model with the same code
+(``crome.score.score_pairs``, the same ``Formatter`` settings) on the same held-out
+helpful-base pairs. Tokens: "computed" counts what the forward passes read (a shared prompt
+once), so crome-plain's computed tokens over crome's is the bound prefix sharing can reach.
 
 TRL's stock collator passes ``input_ids`` and ``attention_mask`` only, so a BERT-style model
 would be trained with all-zero segment ids while crome (and the scoring) use the pair
@@ -26,6 +33,8 @@ template's 0/1 ids. By default the TRL run wraps the stock collator to add the s
 ``token_type_ids``; ``--trl-stock-collator`` shows what TRL does unaided.
 
     python benchmarks/train_throughput.py [--pairs 512] [--eval-pairs 500]
+    python benchmarks/train_throughput.py --backbone qwen2.5-coder-0.5b-instruct --lora-r 16 \
+        --pairs 48 --batch-size 8 --eval-pairs 60 --lr 1e-4
 
 No timed assertions: it prints, and writes the figures as JSON to ``--out``.
 """
@@ -53,6 +62,7 @@ TARGETS = {
     "peak_rss_gb": 4.0,  # crome, at most
 }
 WARMUP_RATIO = 0.05  # crome's TrainOptions default; TRL is given the same number of steps
+ARMS = ("trl", "crome", "crome-plain")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,8 +75,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lr", type=float, default=3e-5)
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--order", default="trl,crome",
-                    help="which trainer runs first (comma-separated)")
+    ap.add_argument("--backbone", default=None,
+                    help="a backbone name or path (default: the packaged MiniLM)")
+    ap.add_argument("--lora-r", type=int, default=0, help="LoRA rank for every arm (0: full)")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast for every arm")
+    ap.add_argument("--order", default=None,
+                    help="the arms, in the order they run (comma-separated; default: "
+                         "trl,crome and, with --backbone, crome-plain)")
     add_common_args(ap, "runs/bench/train_throughput.json",
                     "torch threads in both runs (default: torch's own choice)")
     ap.add_argument("--work-dir", default=None,
@@ -78,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="keep TRL's default gradient checkpointing (off for parity)")
     ap.add_argument("--trl-sampling", default="random", choices=["random", "group_by_length"],
                     help="TRL's train_sampling_strategy (its default: random)")
-    ap.add_argument("--child", choices=["crome", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=list(ARMS), help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
 
@@ -91,19 +106,42 @@ def peak_rss_bytes() -> int:
 # ------------------------------------------------------------------------- children
 
 
-def child_crome(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def model_options(args: argparse.Namespace) -> Any:
+    from crome.model import LoraOptions, ModelOptions
+
+    lora = LoraOptions(r=args.lora_r, alpha=2 * args.lora_r) if args.lora_r else None
+    return ModelOptions(backbone=args.backbone, max_length=args.max_length, seed=args.seed,
+                        lora=lora)
+
+
+def held_out_accuracy(rm: Any, work: Path) -> dict[str, Any]:
+    """The trained model scored by crome's scorer on the held-out pairs the parent wrote."""
     from crome.data.io import read_pairs
-    from crome.model import ModelOptions
+    from crome.evaluate.metrics import overall_accuracy, pair_outcomes
+    from crome.score import ScoreOptions, score_pairs
+
+    records = read_pairs(work / "eval.jsonl")
+    chosen, rejected = score_pairs(rm, records, ScoreOptions(batch_size=64, bf16=False))
+    outcomes = pair_outcomes(records, chosen, rejected)
+    return {"accuracy": overall_accuracy(outcomes), "pairs": len(records),
+            "ties": sum(o.outcome == "tie" for o in outcomes), "formatting": rm.formatter.mode}
+
+
+def child_crome(args: argparse.Namespace, work: Path, sharing: bool | None) -> dict[str, Any]:
+    from crome.data.io import read_pairs
+    from crome.model import RewardModel
     from crome.train import TrainOptions, train
 
     records = read_pairs(work / "train.jsonl")
+    out = work / f"crome-{'plain' if sharing is False else 'model'}"
     t0 = time.perf_counter()
     summary = train(records, TrainOptions(
-        output_dir=str(work / "crome-model"),
-        model=ModelOptions(max_length=args.max_length, seed=args.seed),
+        output_dir=str(out), model=model_options(args),
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        warmup_ratio=WARMUP_RATIO, seed=args.seed, bf16=False, progress=False))
+        warmup_ratio=WARMUP_RATIO, seed=args.seed, bf16=args.bf16, progress=False,
+        prefix_sharing=sharing))
     wall = time.perf_counter() - t0
+    peak = peak_rss_bytes()
     return {
         "pairs_in": len(records),
         "pairs_trained": round(summary.pairs * args.epochs) - summary.skipped_tail_pairs,
@@ -112,11 +150,14 @@ def child_crome(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "pairs_per_second": summary.pairs_per_second,
         "train_call_seconds": round(wall, 3),
         "non_padding_fraction": summary.non_padding_fraction,
-        "real_tokens": summary.real_tokens,
+        "real_tokens": summary.real_tokens + summary.shared_tokens,
+        "computed_tokens": summary.real_tokens,
         "padded_tokens": summary.padded_tokens,
+        "prefix_sharing": summary.prefix_sharing,
         "final_loss": summary.final_loss,
         "truncation": summary.truncation,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": peak,
+        "held_out": held_out_accuracy(RewardModel.load(out), work),
     }
 
 
@@ -158,14 +199,15 @@ def child_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     from trl.trainer.reward_trainer import DataCollatorForPreference
 
     from crome.data.io import read_pairs
-    from crome.model import ModelOptions, RewardModel, TruncationCounts
+    from crome.model import RewardModel, TruncationCounts
     from crome.train import encode_pairs
 
     t_start = time.perf_counter()
     records = read_pairs(work / "train.jsonl")
-    # The same model crome's train() builds: seed, then create (head seeded, dropout off).
+    # The same model crome's train() builds: seed, then create (head seeded, dropout off,
+    # the same LoRA adapters).
     set_seed(args.seed)
-    rm = RewardModel.create(ModelOptions(max_length=args.max_length, seed=args.seed))
+    rm = RewardModel.create(model_options(args))
     counts = TruncationCounts()
     pairs = encode_pairs(rm, records, counts)  # crome's own encoding, as in train()
     columns: dict[str, list[Any]] = {
@@ -193,7 +235,7 @@ def child_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         max_grad_norm=0.0,  # crome does not clip
         optim="adamw_torch",  # crome: torch.optim.AdamW
         seed=args.seed,
-        bf16=False,
+        bf16=args.bf16,
         fp16=False,
         use_cpu=True,
         # transformers 5 renamed gradient_checkpointing (TRL's default: on) to this.
@@ -228,7 +270,7 @@ def child_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     result = trainer.train()
     loop = times["end"] - times["begin"]
     peak = peak_rss_bytes()
-    trainer.save_model(str(work / "trl-model"))
+    rm.model = trainer.accelerator.unwrap_model(trainer.model)
     return {
         "pairs_in": len(pairs),
         "pairs_after_trl_filter": kept,
@@ -243,6 +285,7 @@ def child_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "non_padding_fraction": (round(collator.real_tokens / collator.padded_tokens, 4)
                                  if collator.padded_tokens else 1.0),
         "real_tokens": collator.real_tokens,
+        "computed_tokens": collator.real_tokens,
         "padded_tokens": collator.padded_tokens,
         "final_loss": result.training_loss,
         "truncation": counts.__dict__,
@@ -251,6 +294,7 @@ def child_trl(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "gradient_checkpointing": bool(trainer.args.activation_checkpointing),
         "sampling": args.trl_sampling,
         "peak_rss_bytes": peak,
+        "held_out": held_out_accuracy(rm, work),
     }
 
 
@@ -273,89 +317,70 @@ def run_child(kind: str, argv: list[str], work: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------- parent
 
 
-def held_out_accuracy(work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    """Both trained models scored by the same code on the same held-out pairs."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    from crome.data.sources import load_source
-    from crome.evaluate.metrics import overall_accuracy, pair_outcomes
-    from crome.model import RewardModel, RewardModelMeta, default_backbone
-    from crome.score import ScoreOptions, ScoreStats, score_pairs
-
-    source = load_source("hh-rlhf/helpful-base", data_dir=args.data_dir, limit=args.eval_pairs)
-    records = source.records
-    crome_rm = RewardModel.load(work / "crome-model")
-    tok = AutoTokenizer.from_pretrained(work / "trl-model")
-    model = AutoModelForSequenceClassification.from_pretrained(
-        work / "trl-model", num_labels=1, dtype=torch.float32)
-    trl_rm = RewardModel(model.eval(), tok, RewardModelMeta(
-        backbone=default_backbone(), max_length=crome_rm.meta.max_length,
-        min_prompt_tokens=crome_rm.meta.min_prompt_tokens))
-    out: dict[str, Any] = {"source": source.summary(), "pairs": len(records)}
-    for name, rm in (("crome", crome_rm), ("trl", trl_rm)):
-        stats = ScoreStats()
-        chosen, rejected = score_pairs(rm, records, ScoreOptions(batch_size=64, bf16=False),
-                                       stats)
-        outcomes = pair_outcomes(records, chosen, rejected)
-        out[name] = {"accuracy": overall_accuracy(outcomes),
-                     "ties": sum(o.outcome == "tie" for o in outcomes),
-                     "formatting": rm.formatter.mode}
-    return out
-
-
 def _gb(n: int) -> float:
     return round(n / 1e9, 3)
 
 
 def report(res: dict[str, Any]) -> None:
-    c, t, acc = res["crome"], res["trl"], res["accuracy"]
-    speed = res["speedup"]
-    gap = res["accuracy_gap"]
+    arms = res["arms"]
+    names = list(arms)
+    t = arms["trl"]
+    st = res["settings"]
 
     def mark(ok: bool | None) -> str:
         return "n/a" if ok is None else ("met" if ok else "NOT met")
 
+    def acc(r: dict[str, Any]) -> str:
+        a = r["held_out"]["accuracy"]
+        return "n/a" if a is None else f"{a:.4f}"
+
     print()
-    print(f"training: {c['pairs_in']} pairs, max_length {res['settings']['max_length']}, "
-          f"batch {res['settings']['batch_size']}, lr {res['settings']['lr']}, "
-          f"{res['settings']['epochs']} epoch(s), seed {res['settings']['seed']}, fp32, dropout off")
+    print(f"backbone {st['backbone'] or 'MiniLM (packaged)'}, "
+          f"{'LoRA r=' + str(st['lora_r']) if st['lora_r'] else 'full fine-tuning'}; "
+          f"training: {t['pairs_in']} pairs, max_length {st['max_length']}, "
+          f"batch {st['batch_size']}, lr {st['lr']}, {st['epochs']} epoch(s), seed {st['seed']}, "
+          f"{'bf16 autocast' if st['bf16'] else 'fp32'}, dropout off")
     print(f"TRL: dropped {t['pairs_dropped_by_trl']} of {t['pairs_in']} pairs "
           f"(pairs over max_length handed to it: {t['over_length_pairs_given']}); "
-          f"crome truncation: {c['truncation']}")
-    same = c["real_tokens"] == t["real_tokens"]
-    print(f"real (non-padding) tokens trained: crome {c['real_tokens']}, TRL {t['real_tokens']}"
-          f" ({'the same' if same else 'DIFFERENT: the two runs did not see the same tokens'})")
-    print(f"TRL options: token_type_ids {'on' if t['token_type_ids'] else 'off'}, "
+          f"TRL options: token_type_ids {'on' if t['token_type_ids'] else 'off'}, "
           f"gradient checkpointing {'on' if t['gradient_checkpointing'] else 'off'}, "
           f"sampling {t['sampling']}, max dropout p {t['dropout_p_max']}")
+    tokens = {n: arms[n]["real_tokens"] for n in names}
+    print(f"answer+prompt tokens trained: {tokens} "
+          f"({'the same' if len(set(tokens.values())) == 1 else 'DIFFERENT'})")
+    for n in names:
+        if n != "trl":
+            print(f"{n}: prefix sharing {'on' if arms[n]['prefix_sharing'] else 'off'}; "
+                  f"truncation {arms[n]['truncation']}")
     rows = [
-        ("pairs trained", f"{c['pairs_trained']}", f"{t['pairs_trained']}", ""),
-        ("optimizer steps", f"{c['steps']}", f"{t['steps']}", ""),
-        ("training loop s", f"{c['loop_seconds']:.1f}", f"{t['loop_seconds']:.1f}", ""),
-        ("pairs/s", f"{c['pairs_per_second']:.2f}", f"{t['pairs_per_second']:.2f}",
-         f"crome/TRL = {speed:.2f}x (target >= {TARGETS['speedup']}x: "
-         f"{mark(speed >= TARGETS['speedup'])})"),
-        ("process wall s", f"{c['process_wall_seconds']:.1f}", f"{t['process_wall_seconds']:.1f}",
-         "whole subprocess: imports, model load, encoding, training, save"),
-        ("non-padding", f"{c['non_padding_fraction']:.1%}", f"{t['non_padding_fraction']:.1%}",
-         f"target crome >= {TARGETS['non_padding_fraction']:.0%}: "
-         f"{mark(c['non_padding_fraction'] >= TARGETS['non_padding_fraction'])}"),
-        ("peak RSS GB", f"{_gb(c['peak_rss_bytes']):.2f}", f"{_gb(t['peak_rss_bytes']):.2f}",
-         f"target crome <= {TARGETS['peak_rss_gb']} GB: "
-         f"{mark(_gb(c['peak_rss_bytes']) <= TARGETS['peak_rss_gb'])}"),
-        ("final train loss", f"{c['final_loss']:.4f}", f"{t['final_loss']:.4f}",
-         "crome: last step; TRL: mean over the run"),
-        (f"accuracy ({acc['pairs']})",
-         "n/a" if acc["crome"]["accuracy"] is None else f"{acc['crome']['accuracy']:.4f}",
-         "n/a" if acc["trl"]["accuracy"] is None else f"{acc['trl']['accuracy']:.4f}",
-         "n/a" if gap is None else f"|gap| = {gap * 100:.2f} points (target <= "
-         f"{TARGETS['accuracy_gap'] * 100:.0f}: {mark(gap <= TARGETS['accuracy_gap'])})"),
+        ("pairs trained", lambda r: f"{r['pairs_trained']}"),
+        ("optimizer steps", lambda r: f"{r['steps']}"),
+        ("training loop s", lambda r: f"{r['loop_seconds']:.1f}"),
+        ("pairs/s", lambda r: f"{r['pairs_per_second']:.3f}"),
+        ("x TRL", lambda r: f"{r['pairs_per_second'] / t['pairs_per_second']:.2f}"),
+        ("process wall s", lambda r: f"{r['process_wall_seconds']:.1f}"),
+        ("tokens computed", lambda r: f"{r['computed_tokens']}"),
+        ("non-padding", lambda r: f"{r['non_padding_fraction']:.1%}"),
+        ("peak RSS GB", lambda r: f"{_gb(r['peak_rss_bytes']):.2f}"),
+        ("final train loss", lambda r: f"{r['final_loss']:.4f}"),
+        (f"accuracy ({t['held_out']['pairs']})", acc),
     ]
-    print(f"{'':18} {'crome':>10} {'TRL':>10}")
-    for name, a, b, note in rows:
-        print(f"{name:18} {a:>10} {b:>10}   {note}")
-    print(f"held-out: {acc['source']}")
+    print(f"{'':18}" + "".join(f"{n:>13}" for n in names))
+    for label, fmt in rows:
+        print(f"{label:18}" + "".join(f"{fmt(arms[n]):>13}" for n in names))
+    speed, gap = res["speedup"], res["accuracy_gap"]
+    print(f"crome/TRL = {speed:.2f}x (target >= {TARGETS['speedup']}x: "
+          f"{mark(speed >= TARGETS['speedup'])}); accuracy |gap| = "
+          + ("n/a" if gap is None else f"{gap * 100:.2f} points (target <= "
+             f"{TARGETS['accuracy_gap'] * 100:.0f}: {mark(gap <= TARGETS['accuracy_gap'])})"))
+    if "crome-plain" in arms:
+        p = arms["crome-plain"]
+        bound = p["computed_tokens"] / arms["crome"]["computed_tokens"]
+        ratio = arms["crome"]["pairs_per_second"] / p["pairs_per_second"]
+        print(f"prefix sharing: crome/crome-plain = {ratio:.2f}x; token bound "
+              f"{bound:.2f}x (crome-plain's computed tokens / crome's): {ratio / bound:.0%} "
+              "of it")
+    print("the CPU: " + res["cpu"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -364,50 +389,63 @@ def main(argv: list[str] | None = None) -> None:
     set_threads(args.threads)
     if args.child:
         work = Path(args.work_dir)
-        result = child_crome(args, work) if args.child == "crome" else child_trl(args, work)
+        if args.child == "trl":
+            result = child_trl(args, work)
+        else:
+            result = child_crome(args, work, False if args.child == "crome-plain" else None)
         (work / f"{args.child}-result.json").write_text(json.dumps(result, indent=2))
         return
 
     from crome.data.io import write_pairs
+    from crome.data.sources import load_source
+    from crome.doctor import cpu_name
     from crome.experiment import training_pairs
 
+    order = [k.strip() for k in (args.order or (
+        "trl,crome,crome-plain" if args.backbone else "trl,crome")).split(",") if k.strip()]
+    if not {"trl", "crome"} <= set(order) or not set(order) <= set(ARMS):
+        raise SystemExit(f"--order must name trl and crome, and only arms of {ARMS}")
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="crome-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
+        if args.backbone:  # build a named backbone once, before the timed children
+            from crome.backbones import resolve_backbone
+
+            resolve_backbone(args.backbone)
         log: list[str] = []
         records = training_pairs(Path(args.data_dir) if args.data_dir else None,
                                  args.pairs, args.seed, log)
         for line in log:
             print(line)
         write_pairs(records, work / "train.jsonl")
+        held_out = load_source("hh-rlhf/helpful-base", data_dir=args.data_dir,
+                               limit=args.eval_pairs)
+        write_pairs(held_out.records, work / "eval.jsonl")
         # The children get the same options, minus the ones only the parent uses.
         child_argv = list(argv)
-        results: dict[str, Any] = {}
-        for kind in [k.strip() for k in args.order.split(",") if k.strip()]:
+        arms: dict[str, Any] = {}
+        for kind in order:
             print(f"running {kind} ...", flush=True)
-            results[kind] = run_child(kind, child_argv, work)
-            print(f"  {kind}: {results[kind]['pairs_per_second']:.2f} pairs/s over "
-                  f"{results[kind]['loop_seconds']:.1f} s", flush=True)
-        if set(results) != {"crome", "trl"}:
-            raise SystemExit("--order must name both crome and trl")
-        print("scoring both models on held-out pairs ...", flush=True)
-        acc = held_out_accuracy(work, args)
+            arms[kind] = run_child(kind, child_argv, work)
+            print(f"  {kind}: {arms[kind]['pairs_per_second']:.3f} pairs/s over "
+                  f"{arms[kind]['loop_seconds']:.1f} s", flush=True)
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
 
-    c, t = results["crome"], results["trl"]
-    a_c, a_t = acc["crome"]["accuracy"], acc["trl"]["accuracy"]
+    c, t = arms["crome"], arms["trl"]
+    a_c, a_t = c["held_out"]["accuracy"], t["held_out"]["accuracy"]
     res = {
         "benchmark": "train_throughput",
+        "cpu": cpu_name(),
         "settings": {"pairs": args.pairs, "eval_pairs": args.eval_pairs,
+                     "backbone": args.backbone, "lora_r": args.lora_r,
                      "max_length": args.max_length, "batch_size": args.batch_size,
                      "lr": args.lr, "epochs": args.epochs, "seed": args.seed,
-                     "threads": args.threads, "order": args.order,
-                     "bf16": False, "dropout": False},
-        "crome": c,
-        "trl": t,
-        "accuracy": acc,
+                     "threads": args.threads, "order": order,
+                     "bf16": args.bf16, "dropout": False},
+        "held_out": held_out.summary(),
+        "arms": arms,
         "speedup": (c["pairs_per_second"] / t["pairs_per_second"]
                     if t["pairs_per_second"] else None),
         "accuracy_gap": (abs(a_c - a_t) if a_c is not None and a_t is not None else None),

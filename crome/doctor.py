@@ -171,7 +171,7 @@ def check_backbone() -> Check:
     try:
         from transformers import AutoConfig
 
-        from crome.model import default_backbone
+        from crome.backbones import default_backbone
 
         path = default_backbone()
         config = AutoConfig.from_pretrained(path)

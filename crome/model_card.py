@@ -17,8 +17,9 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from crome.backbones import PACKAGED_DECODER, default_backbone
 from crome.data.schema import PairRecord
-from crome.model import RewardModelMeta, default_backbone
+from crome.model import RewardModelMeta
 
 CARD_FILE = "README.md"
 DEFAULT_BACKBONE_ID = "sentence-transformers/all-MiniLM-L6-v2"
@@ -62,6 +63,16 @@ def write_model_card(directory: str | os.PathLike[str], meta: RewardModelMeta,
     path.write_text(render_model_card(p, meta, train_summary, data_counts, results),
                     encoding="utf-8")
     return path
+
+
+def _base_lines(backbone: str) -> list[str]:
+    """The recipe's line that loads the LoRA base (the packaged decoder by its builder)."""
+    if backbone == PACKAGED_DECODER:
+        return ["from crome.backbones import packaged_decoder  # builds its folder once",
+                ("base = AutoModelForSequenceClassification.from_pretrained("
+                 "packaged_decoder(), num_labels=1)")]
+    return [(f"base = AutoModelForSequenceClassification.from_pretrained({backbone!r}, "
+             "num_labels=1)")]
 
 
 def render_model_card(directory: Path, meta: RewardModelMeta, train_summary: Any = None,
@@ -191,8 +202,7 @@ def _usage_section(directory: Path, meta: RewardModelMeta) -> list[str]:
             "",
             f"path = {where!r}",
             "tok = AutoTokenizer.from_pretrained(path)",
-            (f"base = AutoModelForSequenceClassification.from_pretrained({meta.backbone!r}, "
-            "num_labels=1)"),
+            *_base_lines(meta.backbone),
             "if len(tok) > base.get_input_embeddings().num_embeddings:  # crome's pad token",
             "    base.resize_token_embeddings(len(tok))",
             "base.config.pad_token_id = tok.pad_token_id",

@@ -186,8 +186,7 @@ def prefix_sharing_works(rm: RewardModel) -> bool:
     if cached is not None:
         return bool(cached)
     f = rm.formatter
-    works = f.mode != "pair_template" and not f.uses_type_ids and not \
-        _sliding_window_too_short(rm)
+    works = f.has_prompt_split and not f.uses_type_ids and not _sliding_window_too_short(rm)
     if works:
         prompt = [{"role": "user", "content": "Name a colour of the sky."},
                   {"role": "assistant", "content": "Blue."},

@@ -129,10 +129,21 @@ class TrainSummary:
 
 def encode_pairs(rm: RewardModel, records: Sequence[PairRecord],
                  counts: TruncationCounts | None = None) -> list[EncodedPair]:
+    """Both answers of every pair. With decoder formatting a pair's prompt is cut once, for
+    its longer answer (``Formatter.encode_group``), so the two share it token for token;
+    pair-template (encoder) sequences are cut each on its own."""
     f = rm.formatter
-    firsts = f.encode_many([r.prompt for r in records], [r.chosen for r in records], counts)
-    seconds = f.encode_many([r.prompt for r in records], [r.rejected for r in records], counts)
-    return [EncodedPair(a, b, r.label == "tie") for a, b, r in zip(firsts, seconds, records)]
+    out = []
+    for r in records:
+        if f.has_prompt_split:
+            first, second = f.encode_group(r.prompt, [r.chosen, r.rejected])
+        else:
+            first, second = f.encode(r.prompt, r.chosen), f.encode(r.prompt, r.rejected)
+        if counts is not None:
+            counts.add(first)
+            counts.add(second)
+        out.append(EncodedPair(first, second, r.label == "tie"))
+    return out
 
 
 def global_batches(pairs: Sequence[EncodedPair], batch_size: int, epoch: int, seed: int,

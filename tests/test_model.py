@@ -201,6 +201,22 @@ def test_chat_template_truncation_keeps_bos(tiny_chat):
     assert enc.input_ids[0] == f.tokenizer.bos_token_id
 
 
+def test_a_group_of_answers_follows_one_prompt_cut_for_the_longest(tiny_chat):
+    f = formatter(tiny_chat, max_length=40, min_prompt_tokens=8)
+    prompt = [{"role": "user", "content": "old words " * 30}]
+    short, long_ = "yes", "a much longer answer " * 3
+    alone = [f.encode(prompt, a) for a in (short, long_)]
+    assert len(alone[0]) == len(alone[1]) == 40  # each cut for itself: different prompts
+    assert alone[0].prompt_tokens > alone[1].prompt_tokens
+    group = f.encode_group(prompt, [short, long_])
+    assert group[1].input_ids == alone[1].input_ids  # the longest is cut as on its own
+    n = group[1].prompt_tokens
+    assert group[0].prompt_tokens == n and group[0].input_ids[:n] == group[1].input_ids[:n]
+    assert group[0].input_ids[n:] == alone[0].input_ids[alone[0].prompt_tokens:]
+    assert all(e.prompt_truncated for e in group) and len(group[0]) < 40
+    assert f.encode_group(prompt, [short]) == [alone[0]]
+
+
 # --- save / reload ---------------------------------------------------------------------
 
 def perturb(rm: RewardModel, seed: int, scale: float = 0.05, head_scale: float = 0.5) -> None:

@@ -139,6 +139,7 @@ def test_the_probe_catches_a_model_that_reads_both_directions(tiny_bert, helpers
     rm.formatter.mode = "plain_join"
     rm.formatter.use_template = False
     rm.formatter.uses_type_ids = False
+    rm.formatter.has_prompt_split = True
     assert rm.formatter.encode("a question", "an answer").prompt_tokens > 0
     assert not prefix_sharing_works(rm)
 

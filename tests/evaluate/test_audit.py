@@ -99,7 +99,7 @@ def test_cli_audit_on_a_plain_hf_sequence_classifier(data_dir, helpers, tmp_path
     """`crome audit` works on a HF model directory that crome did not write."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-    from crome.model import default_backbone
+    from crome.backbones import default_backbone
 
     tok = AutoTokenizer.from_pretrained(default_backbone())
     torch.manual_seed(0)
