@@ -72,13 +72,21 @@ def export(source: str, output: Path, data_dir: DataDirOpt = None,
     typer.echo(f"wrote {n} records to {output}")
 
 
+SharingOpt = Annotated[bool | None, typer.Option(
+    "--prefix-sharing/--no-prefix-sharing",
+    help="Decoders: answers to one prompt share its encoding (crome.packing). Default: "
+    "wherever the model passes the packing probe")]
+
+
 @app.command("train")
 def train_cmd(
     data: DataOpt,
     output_dir: Annotated[str, typer.Option("--out", "-o")] = "runs/rm",
     eval_data: Annotated[list[str] | None, typer.Option("--eval-data")] = None,
     data_dir: DataDirOpt = None,
-    backbone: Annotated[str | None, typer.Option(help="HF model dir; default: packaged MiniLM")] = None,
+    backbone: Annotated[str | None, typer.Option(
+        help="HF model dir, or qwen2.5-coder-0.5b-instruct (the packaged decoder, "
+        "decoder extra); default: packaged MiniLM")] = None,
     max_length: int = 256,
     min_prompt_tokens: int = 64,
     epochs: float = 1.0,
@@ -99,6 +107,10 @@ def train_cmd(
     resume: bool = False,
     skip_invalid: SkipOpt = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    prefix_sharing: SharingOpt = None,
+    gradient_checkpointing: Annotated[bool, typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute activations in the backward pass: less memory, more compute")] = False,
 ) -> None:
     """Train a reward model (BT on preferences, tie loss on neutral pairs)."""
     from crome.model import LoraOptions, ModelOptions
@@ -115,10 +127,14 @@ def train_cmd(
         epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         tie_weight=tie_weight, margin=margin, center_coef=center_coef, bf16=bf16, seed=seed,
         max_steps=max_steps, checkpoint_every=checkpoint_every, eval_every=eval_every,
-        resume=resume, progress=progress)
+        resume=resume, progress=progress, prefix_sharing=prefix_sharing,
+        gradient_checkpointing=gradient_checkpointing)
     summary = train(records, opts, evals)
+    shared = (f", {summary.shared_tokens} prompt tokens shared" if summary.prefix_sharing
+              else "")
     typer.echo(f"{summary.steps} steps, {summary.pairs_per_second:.2f} pairs/s, "
-               f"non-padding {summary.non_padding_fraction:.1%}; model saved to {output_dir}")
+               f"non-padding {summary.non_padding_fraction:.1%}{shared}; model saved to "
+               f"{output_dir}")
 
 
 @app.command("score")
@@ -129,12 +145,13 @@ def score_cmd(
     batch_size: int = 64,
     bf16: Annotated[bool, typer.Option("--bf16/--no-bf16")] = False,
     skip_invalid: SkipOpt = False,
+    prefix_sharing: SharingOpt = None,
 ) -> None:
     """Score both answers of every pair; rewards are written in input order."""
     from crome.score import ScoreOptions, score_file
 
-    stats, report = score_file(model, input, output, ScoreOptions(batch_size, bf16),
-                               skip_invalid)
+    stats, report = score_file(model, input, output,
+                               ScoreOptions(batch_size, bf16, prefix_sharing), skip_invalid)
     typer.echo(report.summary(), err=True)
     typer.echo(f"scored {stats.sequences} answers in {stats.seconds:.1f} s "
                f"({stats.sequences / max(stats.seconds, 1e-9):.1f}/s); "

@@ -203,6 +203,43 @@ def test_lora_training_saves_the_trained_head(tiny_bert, helpers, tmp_path):
     assert not torch.allclose(head.weight, fresh.original_module.weight, atol=1e-4)
 
 
+@pytest.mark.parametrize("lora", [False, True])
+def test_gradient_checkpointing_and_prefix_sharing_train_the_same_decoder(tiny_chat, helpers,
+                                                                          tmp_path, lora,
+                                                                          monkeypatch):
+    """A decoder trained with packed pairs, with activation checkpointing, or with neither
+    ends at the same rewards: both are ways of computing the same gradients."""
+    import transformers.modeling_utils as mu
+
+    recomputed = []
+
+    def counting_checkpoint(*args, **kwargs):  # a spy: torch's checkpoint, counted
+        recomputed.append(1)
+        return torch.utils.checkpoint.checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(mu, "checkpoint", counting_checkpoint)
+    records = helpers.varied_pairs(16, seed=8) + helpers.tie_pairs(4, seed=8)
+    adapters = LoraOptions(r=4, alpha=8, target_modules=["q_proj", "v_proj"]) if lora else None
+    model = ModelOptions(backbone=tiny_chat, max_length=96, seed=2, lora=adapters)
+    runs = {}
+    for name, kw in {"plain": dict(prefix_sharing=False),
+                     "packed": dict(prefix_sharing=True),
+                     "packed+checkpointing": dict(prefix_sharing=True,
+                                                  gradient_checkpointing=True)}.items():
+        out = tmp_path / name
+        recomputed.clear()
+        summary = train(records, options(tiny_chat, out, epochs=2, model=model, **kw))
+        assert bool(recomputed) == kw.get("gradient_checkpointing", False)
+        assert summary.prefix_sharing == kw["prefix_sharing"]
+        assert (summary.shared_tokens > 0) == kw["prefix_sharing"]
+        runs[name] = score_pairs(RewardModel.load(out), records)
+    plain = torch.tensor(runs["plain"])
+    fresh = torch.tensor(score_pairs(RewardModel.create(model), records))
+    assert (plain - fresh).abs().max() > 1e-2  # training moved the rewards
+    for name in ("packed", "packed+checkpointing"):
+        assert torch.allclose(torch.tensor(runs[name]), plain, atol=2e-5, rtol=1e-4), name
+
+
 # --- several processes -----------------------------------------------------------------
 
 def _train_cli(launcher: list[str], data: Path, backbone: str, out: Path, tmp: Path,
