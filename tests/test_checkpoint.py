@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from crome.backbones import default_backbone
 from crome.model import (
     META_FILE,
     PAD_TOKEN,
@@ -29,7 +30,6 @@ from crome.model import (
     RewardModel,
     RewardModelMeta,
     crome_chat_template,
-    default_backbone,
 )
 from crome.score import score_texts
 

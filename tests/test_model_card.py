@@ -11,12 +11,12 @@ import pytest
 import torch
 import yaml
 
+from crome.backbones import default_backbone
 from crome.model import (
     LoraOptions,
     ModelOptions,
     RewardModel,
     RewardModelMeta,
-    default_backbone,
 )
 from crome.model_card import data_counts, write_model_card
 from crome.score import score_texts
