@@ -185,6 +185,7 @@ class Metrics:
         self.batch = Histogram(BATCH_BUCKETS)
         self.sequences = 0
         self.truncated = 0
+        self.shared_tokens = 0
 
     def request(self, route: str, status: int, seconds: float) -> None:
         self.requests[(route, str(status))] += 1
@@ -206,6 +207,10 @@ class Metrics:
                 f"# HELP {p}sequences_total Sequences scored.",
                 f"# TYPE {p}sequences_total counter",
                 f"{p}sequences_total {self.sequences}",
+                f"# HELP {p}shared_prompt_tokens_total Prompt tokens read once for several "
+                "answers (decoder prefix sharing).",
+                f"# TYPE {p}shared_prompt_tokens_total counter",
+                f"{p}shared_prompt_tokens_total {self.shared_tokens}",
                 f"# HELP {p}queue_depth Requests waiting for a batch.",
                 f"# TYPE {p}queue_depth gauge",
                 f"{p}queue_depth {queue_depth}"]
@@ -337,9 +342,10 @@ class Batcher:
 
     async def _score(self, batch: list[_Job], loop: asyncio.AbstractEventLoop) -> None:
         encs = [e for job in batch for e in job.encs]
+        stats = ScoreStats()
         try:
             scores = await loop.run_in_executor(self._worker, score_encoded, self.rm, encs,
-                                                self.score_options)
+                                                self.score_options, stats)
         except Exception as exc:  # every waiting request hears of it
             log.exception("scoring a batch of %d sequences failed", len(encs))
             for job in batch:
@@ -348,6 +354,7 @@ class Batcher:
             return
         self.metrics.batch.observe(len(encs))
         self.metrics.sequences += len(encs)
+        self.metrics.shared_tokens += stats.shared_tokens
         i = 0
         for job in batch:
             part, i = scores[i:i + len(job.encs)], i + len(job.encs)

@@ -156,6 +156,13 @@ def test_a_chat_template_rm_scores_rendered_chats_and_messages(tiny_chat, tmp_pa
         for p, rec in zip(prompts, records):
             r = c.post("/score", json={"prompt": p, "answers": [rec.chosen, rec.rejected]})
             assert r.json()["rewards"] == score_texts(offline, [p, p], [rec.chosen, rec.rejected])
+        # best-of-N: one prompt, N answers, read once (prefix sharing), as offline packs them
+        answers = [rec.chosen for rec in records] + [rec.rejected for rec in records]
+        r = c.post("/score", json={"prompt": prompts[0], "answers": answers})
+        assert r.json()["rewards"] == score_texts(offline, [prompts[0]] * len(answers), answers)
+        shared = [line for line in c.get("/metrics").text.splitlines()
+                  if line.startswith("crome_rm_shared_prompt_tokens_total ")]
+        assert int(shared[0].split()[1]) > 0
 
 
 # -- limits, malformed input ------------------------------------------------------------
