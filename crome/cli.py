@@ -561,6 +561,20 @@ def build_llama_cmd(
         log(f"llama-server: {build_server(opts, plan(opts, result), log)}")
 
 
+@app.command("launch-config")
+def launch_config_cmd(
+    name: Annotated[str, typer.Argument(help="ddp, fsdp, zero2 or zero3")],
+) -> None:
+    """Print the path of a packaged accelerate config, for ``accelerate launch
+    --config_file $(crome launch-config fsdp) -m crome.cli train ...``."""
+    from crome.launch import config_path
+
+    try:
+        typer.echo(config_path(name))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
 @app.command("doctor")
 def doctor_cmd(
     data_dir: DataDirOpt = None,

@@ -489,22 +489,26 @@ class RewardModel:
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         return cls(model.to(device).eval(), tokenizer, meta)
 
-    def save(self, path: str | os.PathLike[str], card: bool = True) -> Path:
+    def save(self, path: str | os.PathLike[str], card: bool = True,
+             state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """An HF model directory (safetensors) plus ``crome.json``; LoRA: adapter + head.
 
         The tokenizer is saved with a chat template that renders crome's formatting (the
         backbone's own template if it has one, else :func:`crome_chat_template`), in
         ``tokenizer_config.json``, where every transformers version reads it; ``card`` writes
         a model card (``README.md``, :func:`crome.model_card.write_model_card`) that
-        ``crome train`` rewrites with the data counts and training figures."""
+        ``crome train`` rewrites with the data counts and training figures. ``state_dict``:
+        the model's weights when ``self.model`` holds only a shard of them (gathered by
+        accelerate under FSDP or ZeRO-3)."""
         p = Path(path)
         p.mkdir(parents=True, exist_ok=True)
         if self.meta.lora is not None:
             # A pad token added by ``create`` resized the frozen embeddings; ``load`` resizes
             # the base the same way, so peft need not store the whole table in the adapter.
-            self.model.save_pretrained(p / ADAPTER_DIR, save_embedding_layers=False)
+            self.model.save_pretrained(p / ADAPTER_DIR, save_embedding_layers=False,
+                                       state_dict=state_dict)
         else:
-            self.model.save_pretrained(p)
+            self.model.save_pretrained(p, state_dict=state_dict)
         own = self.tokenizer.chat_template
         template = crome_chat_template(self.formatter)
         self.meta.chat_template = ("tokenizer" if self.formatter.use_template

@@ -126,6 +126,7 @@ class TrainSummary:
     final_loss: float | None = None
     evals: list[dict[str, Any]] = field(default_factory=list)
     num_processes: int = 1
+    distributed: str = "NO"  # accelerate's DistributedType: NO, MULTI_CPU, FSDP, DEEPSPEED…
     resumed_from_step: int = 0
 
 
@@ -184,6 +185,9 @@ class ChunkedRewards(nn.Module):
         super().__init__()
         self.model = rm.model
         self.rm = rm
+        # FSDP's transformer auto-wrap looks for the layer classes on the module it wraps
+        inner = rm.model.get_base_model() if hasattr(rm.model, "get_base_model") else rm.model
+        self._no_split_modules = getattr(inner, "_no_split_modules", None)
 
     def forward(self, chunks: list[Batch | PackedBatch]) -> torch.Tensor:  # type: ignore[override]
         device = next(self.model.parameters()).device
@@ -252,6 +256,7 @@ def train(records: Sequence[PairRecord], options: TrainOptions | None = None,
     if opts.batch_size < parts_per_step:
         raise ValueError(f"batch_size {opts.batch_size} is smaller than processes × "
                          f"grad_accum = {parts_per_step}")
+    _check_distributed(accelerator, opts, eval_records)
     set_seed(opts.seed)
     bf16 = resolve_bf16(opts.bf16)
     rm = RewardModel.create(opts.model)
@@ -285,7 +290,8 @@ def train(records: Sequence[PairRecord], options: TrainOptions | None = None,
 
     summary = TrainSummary(pairs=len(pairs), ties=sum(p.is_tie for p in pairs),
                            num_processes=world, resumed_from_step=start_step,
-                           truncation=asdict(counts), prefix_sharing=sharing)
+                           truncation=asdict(counts), prefix_sharing=sharing,
+                           distributed=str(accelerator.distributed_type.value))
     if main:
         out.mkdir(parents=True, exist_ok=True)
         accelerator.print(f"training on {len(pairs)} pairs ({summary.ties} ties), "
@@ -383,15 +389,53 @@ def train(records: Sequence[PairRecord], options: TrainOptions | None = None,
                                     if summary.padded_tokens else 1.0)
     if eval_records and (not summary.evals or summary.evals[-1]["step"] != step):
         summary.evals.append(_periodic_eval(accelerator, rm, eval_records, step))
+    # Every process takes part in gathering the weights (FSDP, ZeRO-3 hold shards); the main
+    # one saves them, the reward head with the rest.
+    state = {k.removeprefix("model."): v
+             for k, v in accelerator.get_state_dict(wrapper).items()}
     if main:
         rm.model = accelerator.unwrap_model(wrapper).model
         rm.meta.extra["train_options"] = asdict(opts)
-        rm.save(out, card=False)
+        rm.save(out, card=False, state_dict=state)
         (out / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
         write_model_card(out, rm.meta, summary, data_counts(records),
                          summary.evals[-1] if summary.evals else None)
     accelerator.wait_for_everyone()
     return summary
+
+
+def sharded(accelerator: Any) -> bool:
+    """Whether each process holds only a shard of the weights (FSDP, DeepSpeed ZeRO-3)."""
+    from accelerate.utils import DistributedType
+
+    kind = accelerator.distributed_type
+    return kind == DistributedType.FSDP or (
+        kind == DistributedType.DEEPSPEED
+        and accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+
+def _check_distributed(accelerator: Any, opts: TrainOptions,
+                       eval_records: Sequence[PairRecord] | None) -> None:
+    import os
+
+    from accelerate.utils import DistributedType
+
+    for kind in ("FSDP", "DEEPSPEED"):
+        if (os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true"
+                and accelerator.distributed_type.value != kind):
+            accelerator.print(f"note: the launch config asks for {kind}, which accelerate runs "
+                              f"on GPUs only; this run is {accelerator.distributed_type.value}: "
+                              "every process holds the whole model (data parallel)")
+    if eval_records and sharded(accelerator):
+        raise ValueError("held-out evaluation during training needs whole weights on the main "
+                         "process; under FSDP or ZeRO-3 each holds a shard: train without "
+                         "--eval-data and run crome eval on the saved model")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        gas = accelerator.state.deepspeed_plugin.deepspeed_config.get(
+            "gradient_accumulation_steps")
+        if gas not in (opts.grad_accum, "auto"):
+            raise ValueError(f"DeepSpeed accumulates {gas} micro-batches per step but "
+                             f"--grad-accum is {opts.grad_accum}: make them equal")
 
 
 def _periodic_eval(accelerator: Any, rm: RewardModel, records: Sequence[PairRecord],

@@ -304,3 +304,71 @@ def test_two_processes_train_the_same_model_as_one(one_and_two_processes):
     np.testing.assert_allclose(np.subtract(r2, offset), r1, atol=1e-4, rtol=0)
     drop = lambda w: {k: v for k, v in w.items() if k != HEAD_BIAS}  # noqa: E731
     assert max_abs_diff(drop(w1), drop(w2)) <= 1e-3  # 3.6e-4 seen: Adam on float noise
+
+
+def test_sharded_runs_refuse_what_needs_whole_weights(tiny_bert, helpers, tmp_path):
+    """FSDP and ZeRO-3 cannot run here (GPUs only), so their accelerator is a stand-in: the
+    checks must refuse evaluation during a sharded run and a DeepSpeed accumulation count
+    that differs from crome's."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    def stand_in(kind, stage=None, gas=1):
+        plugin = SimpleNamespace(zero_stage=stage,
+                                 deepspeed_config={"gradient_accumulation_steps": gas})
+        return SimpleNamespace(distributed_type=kind, print=print,
+                               state=SimpleNamespace(deepspeed_plugin=plugin))
+
+    opts = options(tiny_bert, tmp_path, grad_accum=2)
+    evals = helpers.keyword_pairs(4)
+    for acc in (stand_in(DistributedType.FSDP), stand_in(DistributedType.DEEPSPEED, 3, 2)):
+        assert train_mod.sharded(acc)
+        with pytest.raises(ValueError, match="under FSDP or ZeRO-3"):
+            train_mod._check_distributed(acc, opts, evals)
+        train_mod._check_distributed(acc, opts, None)  # without evaluation: fine
+    zero2 = stand_in(DistributedType.DEEPSPEED, 2, 1)
+    assert not train_mod.sharded(zero2)
+    with pytest.raises(ValueError, match="DeepSpeed accumulates 1 micro-batches per step but "
+                                         "--grad-accum is 2"):
+        train_mod._check_distributed(zero2, opts, evals)
+
+
+@pytest.mark.slow
+def test_the_fsdp_config_on_two_cpu_processes_says_it_runs_data_parallel(tiny_chat, helpers,
+                                                                         tmp_path):
+    """The packaged FSDP config with 2 CPU processes (gloo). accelerate shards only on GPUs
+    (on a CPU it falls back to data parallel), so crome says so instead of pretending; the
+    run still goes through the gathered-state-dict save, and the saved model holds every
+    weight, the reward head included, and gives the rewards a single process trains."""
+    import yaml
+
+    from crome.launch import config_path
+
+    config = yaml.safe_load(config_path("fsdp").read_text())
+    config.update(num_processes=2, mixed_precision="no", use_cpu=True,
+                  main_process_port=helpers.free_port())
+    config_file = tmp_path / "fsdp-cpu.yaml"
+    config_file.write_text(yaml.safe_dump(config))
+    records = helpers.varied_pairs(24, seed=5) + helpers.tie_pairs(8, seed=5)
+    data = tmp_path / "pairs.jsonl"
+    write_pairs(records, data)
+    one, fsdp = tmp_path / "one", tmp_path / "fsdp"
+    _train_cli([sys.executable, "-m", "crome.cli"], data, tiny_chat, one, tmp_path, helpers)
+    proc = _train_cli([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                       str(config_file), "-m", "crome.cli"], data, tiny_chat, fsdp, tmp_path,
+                      helpers)
+    assert "asks for FSDP, which accelerate runs on GPUs only; this run is MULTI_CPU" in (
+        proc.stdout + proc.stderr)
+    s1 = json.loads((one / SUMMARY_FILE).read_text())
+    s2 = json.loads((fsdp / SUMMARY_FILE).read_text())
+    assert (s1["num_processes"], s2["num_processes"]) == (1, 2)
+    assert (s1["distributed"], s2["distributed"]) == ("NO", "MULTI_CPU")
+    assert s1["prefix_sharing"] and s2["prefix_sharing"]
+    w1, w2 = weights(one), weights(fsdp)
+    assert w1.keys() == w2.keys() and "score.weight" in w2
+    fresh = RewardModel.create(ModelOptions(backbone=tiny_chat, max_length=64, seed=1))
+    assert not torch.allclose(w2["score.weight"], fresh.model.score.weight, atol=1e-3)
+    c1, r1 = score_pairs(RewardModel.load(one), records)
+    c2, r2 = score_pairs(RewardModel.load(fsdp), records)
+    np.testing.assert_allclose(np.subtract(c2, r2), np.subtract(c1, r1), atol=1e-4, rtol=0)
