@@ -222,10 +222,10 @@ def test_gradient_checkpointing_and_prefix_sharing_train_the_same_decoder(tiny_c
     adapters = LoraOptions(r=4, alpha=8, target_modules=["q_proj", "v_proj"]) if lora else None
     model = ModelOptions(backbone=tiny_chat, max_length=96, seed=2, lora=adapters)
     runs = {}
-    for name, kw in {"plain": dict(prefix_sharing=False),
-                     "packed": dict(prefix_sharing=True),
-                     "packed+checkpointing": dict(prefix_sharing=True,
-                                                  gradient_checkpointing=True)}.items():
+    for name, kw in {"plain": {"prefix_sharing": False},
+                     "packed": {"prefix_sharing": True},
+                     "packed+checkpointing": {"prefix_sharing": True,
+                                              "gradient_checkpointing": True}}.items():
         out = tmp_path / name
         recomputed.clear()
         summary = train(records, options(tiny_chat, out, epochs=2, model=model, **kw))
