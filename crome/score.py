@@ -17,6 +17,11 @@ measured differences of ~2e-8 between batch sizes 1, 7 and 32 with plain padding
   chunk filled with copies of its first row (results thrown away), which held on the
   machines we measured for 8 rows and up except that Xeon.
 
+Decoders that pass ``crome.packing``'s probe score the answers to one prompt in one row
+(``ScoreOptions.prefix_sharing``): rows are then packs, bucketed and padded the same way, and
+a chunk holds at most ``batch_size`` answers. Packs depend on which answers share a prompt in
+the call, never on the batch size.
+
 ``tests/test_score.py`` checks bit-identical rewards for batch sizes 1 to 64 on every run,
 and on the real MiniLM for random chunks of a batch.
 """

@@ -15,12 +15,22 @@
 * **Nothing dropped silently.** Over-length pairs are truncated by the formatter (counted); a
   final global batch smaller than the number of processes cannot be split and is skipped
   and counted in the summary.
+* **A prompt read once (decoders).** Where the model passes ``crome.packing``'s probe, a
+  row holds one prompt and every answer to it in the micro-batch (a pair's two answers, cut
+  to the same prompt tokens), with a block mask; the rewards and gradients are those of one
+  row per answer. ``prefix_sharing`` switches it; ``gradient_checkpointing`` trades compute
+  for memory.
 * bf16 autocast where the hardware has native bf16 (``crome.score.bf16_supported``), fp32
   elsewhere; dropout off by default (see ``crome.model``).
 
 Run it with ``crome train`` or, for several processes, ``accelerate launch --multi_gpu
 --num_processes 2 -m crome.cli train …`` (gloo on CPU; without ``--multi_gpu`` accelerate
-starts a single process on a machine with no GPU).
+starts a single process on a machine with no GPU), or with a packaged config
+(``crome launch-config fsdp|zero2|zero3|ddp``). Under FSDP and ZeRO-3 each process holds a
+shard: the weights are gathered on every process at the end and the main one saves them, the
+reward head included; such a run refuses periodic evaluation (it needs whole weights), and
+DeepSpeed's own accumulation count must equal ``grad_accum``. accelerate shards only on GPUs:
+on a CPU a sharded config runs data parallel, and the trainer says so.
 """
 
 from __future__ import annotations
