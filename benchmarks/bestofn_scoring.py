@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="hh-rlhf: user turns a prompt has at least")
     ap.add_argument("--workloads", default="hh-rlhf,gsm8k")
     ap.add_argument("--batch-size", type=int, default=16, help="answers per forward pass")
+    ap.add_argument("--max-pack-tokens", type=int, default=None,
+                    help="ScoreOptions.max_pack_tokens (default: crome's)")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -126,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
                 st = ScoreStats()
                 opts = ScoreOptions(batch_size=args.batch_size, bf16=args.bf16,
                                     prefix_sharing=arm == "packed")
+                if args.max_pack_tokens:
+                    opts.max_pack_tokens = args.max_pack_tokens
                 t0 = time.perf_counter()
                 scores[arm] = score_texts(rm, prompts, answers, opts, st)
                 times[arm].append(time.perf_counter() - t0)
@@ -148,12 +152,14 @@ def main(argv: list[str] | None = None) -> None:
         }
     res = {"benchmark": "bestofn_scoring", "cpu": cpu_name(),
            "settings": {"backbone": args.backbone, "n": args.n, "prompts": args.prompts,
+                        "max_pack_tokens": args.max_pack_tokens or ScoreOptions().max_pack_tokens,
                         "max_length": args.max_length, "batch_size": args.batch_size,
                         "bf16": args.bf16, "repeats": args.repeats,
                         "threads": torch.get_num_threads()},
            "workloads": results, "target_of_bound": TARGET_OF_BOUND}
     print()
     print(f"best-of-{args.n} scoring, {args.backbone}, max_length {args.max_length}, "
+          f"rows of at most {res['settings']['max_pack_tokens']} tokens, "
           f"{'bf16' if args.bf16 else 'fp32'}, {torch.get_num_threads()} threads, median of "
           f"{args.repeats} run(s); CPU: {res['cpu']}")
     print(f"{'workload':10} {'prompts':>7} {'P':>6} {'A':>6} {'bound':>6} {'exact':>6} "

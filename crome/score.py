@@ -64,7 +64,10 @@ class ScoreOptions:
     # Decoders: answers to the same prompt share one encoding of it (crome.packing); None:
     # wherever the model passes the packing probe, True: required, False: one row per answer
     prefix_sharing: bool | None = None
-    max_pack_tokens: int = 4096  # tokens per packed row (the mask costs rows x L^2)
+    # tokens per packed row: attention over a row costs L^2 (dense mask), so past ~1k tokens
+    # a longer row loses what sharing saves (benchmarks/bestofn_scoring.py, GSM8K: 1.15x at
+    # 1024, 0.96x at 4096)
+    max_pack_tokens: int = 1024
 
 
 @dataclass

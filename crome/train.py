@@ -93,7 +93,7 @@ class TrainOptions:
     # Decoders: a pair's answers share one encoding of their prompt (crome.packing); None:
     # wherever the model passes the packing probe, True: required, False: off
     prefix_sharing: bool | None = None
-    max_pack_tokens: int = 4096
+    max_pack_tokens: int | None = None  # None: 2 x max_length, so a pair always fits one row
     # recompute each layer's activations in the backward pass: less memory, ~1/3 more compute
     gradient_checkpointing: bool = False
     megabatch_factor: int = 32
@@ -207,7 +207,7 @@ class ChunkedRewards(nn.Module):
 
 
 def micro_batch(rm: RewardModel, pairs: Sequence[EncodedPair], chunk_rows: int,
-                prefix_sharing: bool = False, max_pack_tokens: int = 4096,
+                prefix_sharing: bool = False, max_pack_tokens: int = 2048,
                 ) -> tuple[list[Batch | PackedBatch], torch.Tensor, torch.Tensor]:
     """Chunks of length-sorted rows, the permutation back to (first…, second…) order, and
     the tie mask. A row is one sequence, or with ``prefix_sharing`` one pack: a prompt and
@@ -275,6 +275,7 @@ def train(records: Sequence[PairRecord], options: TrainOptions | None = None,
     if opts.gradient_checkpointing:
         enable_gradient_checkpointing(rm.model)
     sharing = resolve_prefix_sharing(rm, opts.prefix_sharing)
+    pack_tokens = opts.max_pack_tokens or 2 * opts.model.max_length
     counts = TruncationCounts()
     pairs = encode_pairs(rm, records, counts)
     if not pairs:
@@ -340,8 +341,7 @@ def train(records: Sequence[PairRecord], options: TrainOptions | None = None,
         step_loss = torch.zeros((), device=accelerator.device)
         for k, micro in enumerate(micros):
             chunks, inverse, is_tie = micro_batch(rm, [pairs[i] for i in micro],
-                                                  opts.chunk_rows, sharing,
-                                                  opts.max_pack_tokens)
+                                                  opts.chunk_rows, sharing, pack_tokens)
             sync = k == len(micros) - 1
             ctx = accelerator.no_sync(wrapper) if not sync else nullcontext()
             with ctx:
