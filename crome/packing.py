@@ -26,8 +26,8 @@ the plain path where they differ (an attention that ignores a custom 4D mask, a 
 window shorter than the sequences). Llama, Qwen2 and Qwen2.5 pass (tests; Qwen2.5-Coder-0.5B).
 The mask is a dense additive ``(rows, 1, L, L)`` tensor, which SDPA and eager attention both
 take; its cost grows with L², so a pack holds at most ``max_tokens`` tokens and a long group
-is split over several packs (each repeats the prompt): 1,024 in scoring (measured best of
-512–4,096 on GSM8K best-of-16), twice ``max_length`` in training (a pair always fits).
+is split over several packs (each repeats the prompt): 1,536 in scoring (the best of 512 to
+4,096 measured on best-of-16), twice ``max_length`` in training (a pair always fits).
 """
 
 from __future__ import annotations

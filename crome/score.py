@@ -64,10 +64,10 @@ class ScoreOptions:
     # Decoders: answers to the same prompt share one encoding of it (crome.packing); None:
     # wherever the model passes the packing probe, True: required, False: one row per answer
     prefix_sharing: bool | None = None
-    # tokens per packed row: attention over a row costs L^2 (dense mask), so past ~1k tokens
-    # a longer row loses what sharing saves (benchmarks/bestofn_scoring.py, GSM8K: 1.15x at
-    # 1024, 0.96x at 4096)
-    max_pack_tokens: int = 1024
+    # tokens per packed row: attention over a row costs L^2 (dense mask), so a long row loses
+    # what sharing saves (benchmarks/bestofn_scoring.py, best-of-16 on the 0.5B decoder:
+    # hh-rlhf 2.85 / 3.28x, GSM8K 1.20 / 1.33 / 0.96x at 1024 / 1536 / 4096 tokens)
+    max_pack_tokens: int = 1536
 
 
 @dataclass
