@@ -24,6 +24,17 @@ def add_common_args(ap: argparse.ArgumentParser, out: str, threads_help: str) ->
     ap.add_argument("--out", default=out)
 
 
+def write_result(result: dict, out: str) -> Path:
+    """The figures as JSON at ``out`` (its folder made); says where."""
+    import json
+
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
+
+
 def set_threads(threads: int | None) -> None:
     if threads:
         import torch

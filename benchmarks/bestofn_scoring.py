@@ -27,14 +27,13 @@ No timed assertions: it prints, and writes the figures as JSON to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import add_common_args, set_threads
+from _common import add_common_args, set_threads, write_result
 
 TARGET_OF_BOUND = 0.8
 
@@ -174,10 +173,7 @@ def main(argv: list[str] | None = None) -> None:
               f"  {r['max_abs_reward_difference']:.2g}   (target >= "
               f"{TARGET_OF_BOUND:.0%} of the bound: {ok})")
         print(f"{'':10} truncation: {r['truncation']}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(res, args.out)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ in the text transformations themselves (target ≤ 10%).
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -110,10 +109,7 @@ def main() -> None:
           f"{ratio:.2f}x the clean eval's answers/s")
     print(f"text transformations: {transform_s:.2f} s = {share:.1%} of the suite "
           f"(target <= 10%: {'met' if share <= 0.10 else 'NOT met'})")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(figures, indent=2) + "\n")
-    print(f"figures in {out}")
+    _common.write_result(figures, args.out)
 
 
 if __name__ == "__main__":

@@ -21,13 +21,12 @@ No timed assertions: it prints, and writes the figures as JSON to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from _common import add_common_args, set_threads
+from _common import add_common_args, set_threads, write_result
 
 TARGET_SPEEDUP = 2.0
 
@@ -173,10 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"same tokens in {len(same)} of {n_answers} sequences (the rest are over-length and "
           f"cut differently); max |crome - HF| score there: "
           f"{'n/a' if max_diff is None else f'{max_diff:.3g}'}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(res, args.out)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from _common import ROOT, add_common_args, set_threads
+from _common import ROOT, add_common_args, set_threads, write_result
 
 MAX_BODY_BYTES = 1024 * 1024  # the server's --max-body-bytes here: an oversize body is cheap
 
@@ -502,10 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                       for lv in levels],
            "server_errors": server_errors, "server_tracebacks": tracebacks,
            "unexpected_fault_outcomes": unexpected, "ok": ok}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(res, args.out)
     return 0 if ok else 1
 
 
