@@ -61,6 +61,7 @@ from crome.model import (
 )
 from crome.model_card import data_counts, write_model_card
 from crome.packing import (
+    Pack,
     PackedBatch,
     build_packs,
     collate_for,
@@ -209,15 +210,21 @@ class ChunkedRewards(nn.Module):
 def micro_batch(rm: RewardModel, pairs: Sequence[EncodedPair], chunk_rows: int,
                 prefix_sharing: bool = False, max_pack_tokens: int = 2048,
                 ) -> tuple[list[Batch | PackedBatch], torch.Tensor, torch.Tensor]:
-    """Chunks of length-sorted rows, the permutation back to (first…, second…) order, and
-    the tie mask. A row is one sequence, or with ``prefix_sharing`` one pack: a prompt and
-    every answer to it in this micro-batch (``crome.packing``)."""
+    """Chunks of length-sorted rows (``chunk_rows`` answers each), the permutation back to
+    (first…, second…) order, and the tie mask. A row is one sequence, or with
+    ``prefix_sharing`` one pack: a prompt and every answer to it in this micro-batch
+    (``crome.packing``)."""
     seqs = [p.first for p in pairs] + [p.second for p in pairs]
     chunks: list[Batch | PackedBatch]
     if prefix_sharing:
+        # a chunk holds up to chunk_rows answers (at least one pack): the plain path's unit
         packs = sorted(build_packs(seqs, max_pack_tokens), key=lambda p: p.length)
-        chunks = [collate_for(rm, packs[s:s + chunk_rows])
-                  for s in range(0, len(packs), chunk_rows)]
+        groups: list[list[Pack]] = []
+        for p in packs:
+            if not groups or sum(len(q.members) for q in groups[-1]) + len(p.members) > chunk_rows:
+                groups.append([])
+            groups[-1].append(p)
+        chunks = [collate_for(rm, g) for g in groups]
         order = [i for p in packs for i in p.members]
     else:
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
