@@ -53,7 +53,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, add_common_args, set_threads
+from _common import ROOT, add_common_args, set_threads, write_result
 
 TARGETS = {
     "speedup": 2.0,  # crome pairs/s over TRL pairs/s, at least
@@ -452,10 +452,7 @@ def main(argv: list[str] | None = None) -> None:
         "targets": TARGETS,
     }
     report(res)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_result(res, args.out)
 
 
 if __name__ == "__main__":
