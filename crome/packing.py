@@ -126,6 +126,19 @@ def build_packs(encs: Sequence[Encoded], max_tokens: int) -> list[Pack]:
     return packs
 
 
+def chunk_packs(packs: Sequence[Pack], answers: int) -> list[list[Pack]]:
+    """Consecutive packs in chunks of at most ``answers`` answers (at least one pack each)."""
+    chunks: list[list[Pack]] = []
+    held = 0
+    for p in packs:
+        if not chunks or held + len(p.members) > answers:
+            chunks.append([])
+            held = 0
+        chunks[-1].append(p)
+        held += len(p.members)
+    return chunks
+
+
 def collate_packs(packs: Sequence[Pack], pad_id: int, pad_to_multiple: int = 1) -> PackedBatch:
     longest = max(p.length for p in packs)
     width = -(-longest // pad_to_multiple) * pad_to_multiple

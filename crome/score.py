@@ -48,6 +48,7 @@ from crome.packing import (
     Pack,
     PackedBatch,
     build_packs,
+    chunk_packs,
     collate_for,
     packed_rewards,
     resolve_prefix_sharing,
@@ -198,18 +199,12 @@ def _packed_chunks(rm: RewardModel, encs: Sequence[Encoded], answers: int, block
     for p in build_packs(encs, max_tokens):
         buckets[-(-p.length // PAD_MULTIPLE)].append(p)
     for key in sorted(buckets):
-        chunk: list[Pack] = []
-        for p in buckets[key] + [None]:  # type: ignore[list-item]
-            if chunk and (p is None or sum(len(c.members) for c in chunk) + len(p.members)
-                          > answers):
-                rows = chunk + [chunk[0]] * (-len(chunk) % block)
-                yield ([i for c in chunk for i in c.members],
-                       collate_for(rm, rows, PAD_MULTIPLE),
-                       sum(c.length for c in chunk),
-                       sum(c.unshared_length - c.length for c in chunk))
-                chunk = []
-            if p is not None:
-                chunk.append(p)
+        for chunk in chunk_packs(buckets[key], answers):
+            rows = chunk + [chunk[0]] * (-len(chunk) % block)
+            yield ([i for c in chunk for i in c.members],
+                   collate_for(rm, rows, PAD_MULTIPLE),
+                   sum(c.length for c in chunk),
+                   sum(c.unshared_length - c.length for c in chunk))
 
 
 def score_encoded(rm: RewardModel, encs: Sequence[Encoded], options: ScoreOptions | None = None,

@@ -61,9 +61,9 @@ from crome.model import (
 )
 from crome.model_card import data_counts, write_model_card
 from crome.packing import (
-    Pack,
     PackedBatch,
     build_packs,
+    chunk_packs,
     collate_for,
     packed_rewards,
     resolve_prefix_sharing,
@@ -219,12 +219,7 @@ def micro_batch(rm: RewardModel, pairs: Sequence[EncodedPair], chunk_rows: int,
     if prefix_sharing:
         # a chunk holds up to chunk_rows answers (at least one pack): the plain path's unit
         packs = sorted(build_packs(seqs, max_pack_tokens), key=lambda p: p.length)
-        groups: list[list[Pack]] = []
-        for p in packs:
-            if not groups or sum(len(q.members) for q in groups[-1]) + len(p.members) > chunk_rows:
-                groups.append([])
-            groups[-1].append(p)
-        chunks = [collate_for(rm, g) for g in groups]
+        chunks = [collate_for(rm, g) for g in chunk_packs(packs, chunk_rows)]
         order = [i for p in packs for i in p.members]
     else:
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
