@@ -1,5 +1,5 @@
-"""Pairwise reward-model losses: Bradley–Terry (optionally with a margin), the tie loss of
-Crome's neutral pairs, and reward centering.
+"""Reward-model losses: Bradley–Terry (optionally with a margin), the tie loss of Crome's
+neutral pairs, reward centering, and the cross-entropy of a pairwise preference model.
 
 All functions take rewards of the first and second answer of each pair and return a *sum*
 over pairs; the trainer divides by the number of pairs in the global batch, so that a batch
@@ -50,3 +50,24 @@ def pair_loss(r_first: torch.Tensor, r_second: torch.Tensor, is_tie: torch.Tenso
     if center_coef:
         loss = loss + center_coef * 0.5 * centering(torch.cat([r_first, r_second]))
     return loss
+
+
+# Class indices of a pairwise model's outputs (crome.model.LABELS: "A", "B", "Same").
+FIRST, SECOND, SAME = 0, 1, 2
+
+
+def preference(logits_first: torch.Tensor, logits_second: torch.Tensor, is_tie: torch.Tensor,
+               *, tie_weight: float = 1.0) -> torch.Tensor:
+    """A pairwise model's loss over a mixed batch, as a sum over its pairs.
+
+    Each pair is read in both orders: ``logits_first`` with the chosen answer as A (target
+    A), ``logits_second`` with it as B (target B); a tie (neutral pair) targets "Same" in
+    both. A pair's loss is the mean of its two cross-entropies, so it weighs one as a BT pair
+    does, and ties are weighted by ``tie_weight`` (the λ of :func:`pair_loss`).
+    """
+    target_first = torch.where(is_tie, SAME, FIRST)
+    target_second = torch.where(is_tie, SAME, SECOND)
+    ce = 0.5 * (F.cross_entropy(logits_first, target_first, reduction="none")
+                + F.cross_entropy(logits_second, target_second, reduction="none"))
+    weights = torch.where(is_tie, tie_weight, 1.0).to(ce.dtype)
+    return (weights * ce).sum()

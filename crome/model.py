@@ -70,6 +70,9 @@ class ModelOptions:
     dropout: bool = False
     lora: LoraOptions | None = None
     seed: int = 0  # initialises the new reward head
+    # a pairwise preference model (crome.pairwise): reads the prompt and two answers and
+    # gives logits of "first better", "second better", "same" instead of one reward
+    pairwise: bool = False
 
 
 @dataclass
@@ -141,6 +144,31 @@ def _as_messages(prompt: Prompt) -> list[dict[str, str]]:
 
 
 FORMATTING_MODES = ("chat_template", "pair_template", "plain_join")
+
+# What a pairwise model reads (decoders: the user turn; the verdict is the next token), after
+# RRM/RLHFlow's pair-pm template. Encoders read the prompt, then ENCODER_FRAME.
+COMPARE_FRAME = ("Which response to the conversation is better? Answer A, B or Same.\n\n"
+                 "[CONVERSATION]\n{prompt}\n\n[RESPONSE A]\n{first}\n\n"
+                 "[RESPONSE B]\n{second}")
+COMPARE_SUFFIX = "\n\nAnswer:"  # decoders without a chat template
+# encoders: the pair template's two segments, split at "|"
+ENCODER_FRAME = "{prompt} [RESPONSE A] {first}|[RESPONSE B] {second}"
+# The verdicts, in the order of a pairwise model's outputs; decoders read the tokens of these
+# words (with a leading space after COMPARE_SUFFIX).
+LABELS = ("A", "B", "Same")
+
+
+def fair_split(n_a: int, n_b: int, room: int) -> tuple[int, int]:
+    """Tokens kept of two answers sharing ``room``: both whole if they fit; else one that fits
+    in half keeps all and the other gets the rest; else half each. Symmetric in the two."""
+    if n_a + n_b <= room:
+        return n_a, n_b
+    half = room // 2
+    if n_a <= half:
+        return n_a, room - n_a
+    if n_b <= half:
+        return room - n_b, n_b
+    return half, half
 
 
 class Formatter:
@@ -247,6 +275,66 @@ class Formatter:
                 prompt_tokens = 0
             out.append(Encoded(ids, types, p_trunc, a_trunc, prompt_tokens))
         return out
+
+    def encode_comparison(self, prompt: Prompt, first: str, second: str) -> Encoded:
+        """A pairwise model's input: the prompt and two answers (``COMPARE_FRAME`` with its
+        ``[RESPONSE A]``/``[RESPONSE B]`` markers). Decoders: the frame is the user turn of
+        the chat template (or is followed by ``\\n\\nAnswer:`` without one), so the next
+        token is the verdict. Encoders: ``[CLS] prompt [RESPONSE A] first [SEP] [RESPONSE B]
+        second [SEP]``, the second answer with token type 1 where the model has types.
+
+        Over ``max_length``, the start of the prompt is cut first (down to
+        ``min_prompt_tokens``), then the answers, fairly: one that fits in half the room
+        left is kept whole and the other gets the rest, else both get half. Each answer is
+        cut the same in either order, so the two orders of a pair read the same text."""
+        marks = ("\x00crome-prompt\x00", "\x00crome-first\x00", "\x00crome-second\x00")
+        prompt_text = render_plain_prompt(prompt)
+        if self.has_prompt_split:
+            frame = COMPARE_FRAME.format(prompt=marks[0], first=marks[1], second=marks[2])
+            if self.use_template:
+                text = self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": frame}], tokenize=False,
+                    add_generation_prompt=True)
+            else:
+                text = frame + COMPARE_SUFFIX
+        else:  # the pair template's segments: prompt and first answer, then second answer
+            text = ENCODER_FRAME.format(prompt=marks[0], first=marks[1], second=marks[2])
+        literals = re.split("|".join(map(re.escape, marks)), text)
+        if not self.has_prompt_split:  # the "|" between the two segments
+            head, tail = literals[2].split("|")
+            literals[2:3] = [head, tail]
+        if len(literals) != 4 + (not self.has_prompt_split) or \
+                [m for m in marks if m in text] != list(marks):
+            raise ValueError("the chat template does not keep the comparison's parts in order")
+        lit = [self.backend.encode(t, add_special_tokens=False) for t in literals]
+        pe, ae, be = (self.backend.encode(t, add_special_tokens=False)
+                      for t in (prompt_text, first, second))
+        specials = 0 if self.has_prompt_split else self.pair_specials
+        budget = self.max_length - specials - sum(len(e.ids) for e in lit)
+        n_p, n_a, n_b = len(pe.ids), len(ae.ids), len(be.ids)
+        keep_p = n_p
+        if n_p + n_a + n_b > budget:
+            keep_p = max(min(n_p, self.min_prompt_tokens), budget - n_a - n_b)
+            keep_p = max(min(keep_p, n_p, budget), 0)
+        room = max(budget - keep_p, 0)
+        keep_a, keep_b = fair_split(n_a, n_b, room)
+        for enc, keep, n, side in ((pe, keep_p, n_p, "left"), (ae, keep_a, n_a, "right"),
+                                   (be, keep_b, n_b, "right")):
+            if keep < n:
+                enc.truncate(keep, direction=side)
+        if self.has_prompt_split:
+            ids = [i for e in (lit[0], pe, lit[1], ae, lit[2], be, lit[3]) for i in e.ids]
+            types = [0] * len(ids) if self.uses_type_ids else None
+        else:
+            import tokenizers
+
+            merge = tokenizers.Encoding.merge
+            enc = self.backend.post_process(merge([lit[0], pe, lit[1], ae, lit[2]]),
+                                            merge([lit[3], be, lit[4]]), add_special_tokens=True)
+            ids = enc.ids
+            # token types tell the answers apart: 0 for the prompt and A, 1 for B
+            types = enc.type_ids if self.uses_type_ids else None
+        return Encoded(ids, types, keep_p < n_p, keep_a < n_a or keep_b < n_b, 0)
 
     def encode_many(self, prompts: list[Prompt], answers: list[str],
                     counts: TruncationCounts | None = None) -> list[Encoded]:
@@ -410,6 +498,11 @@ class RewardModelMeta:
     # this field existed had them (hence the default); ``create`` makes RMs without them, so
     # that one string rendered by the saved chat template gives crome's rewards exactly.
     answer_type_ids: bool = True
+    # A pairwise preference model (``crome.pairwise``): three outputs per comparison, in the
+    # order of LABELS. Encoders: a 3-way classification head. Decoders: the next-token logits
+    # of ``label_ids`` (the tokens of "A", "B", "Same") after the comparison template.
+    pairwise: bool = False
+    label_ids: list[int] = field(default_factory=list)
 
 
 class RewardModel:
@@ -428,28 +521,38 @@ class RewardModel:
     @classmethod
     def create(cls, options: ModelOptions | None = None) -> RewardModel:
         """A fresh RM on a backbone (the head is new, seeded by ``options.seed``)."""
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        from transformers import AutoTokenizer
 
         opts = options or ModelOptions()
         backbone = resolve_backbone(opts.backbone)
         tokenizer = AutoTokenizer.from_pretrained(backbone)
         _add_distinct_pad_token(tokenizer)
+        label_ids: list[int] = []
+        if opts.pairwise:
+            probe = Formatter(tokenizer, opts.max_length, opts.min_prompt_tokens)
+            if probe.has_prompt_split:  # a decoder: it answers with a label token
+                label_ids = verdict_token_ids(tokenizer, probe.use_template)
         torch.manual_seed(opts.seed)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            backbone, num_labels=1, dtype=torch.float32)
+        model = _auto_model(backbone, opts.pairwise, bool(label_ids))
         _fit_embeddings(model, tokenizer)
         model.config.pad_token_id = tokenizer.pad_token_id
         if not opts.dropout:
             _disable_dropout(model)
         lora = None
         if opts.lora is not None:
-            model = _wrap_lora(model, opts.lora)
+            if getattr(model, "crome_head_missing", False):
+                raise ValueError(f"{backbone} has no language-model head in its checkpoint: a "
+                                 "pairwise decoder reads its verdict tokens there, and LoRA "
+                                 "does not train or save it; use a causal LM checkpoint, or "
+                                 "full fine-tuning (which saves the new head)")
+            model = _wrap_lora(model, opts.lora, causal_lm=bool(label_ids))
             lora = asdict(opts.lora)
         # the packaged decoder is recorded by name: its folder is rebuilt where it is missing
         named = opts.backbone if opts.backbone == PACKAGED_DECODER else backbone
         meta = RewardModelMeta(backbone=named, max_length=opts.max_length,
                                min_prompt_tokens=opts.min_prompt_tokens,
-                               dropout=opts.dropout, lora=lora, answer_type_ids=False)
+                               dropout=opts.dropout, lora=lora, answer_type_ids=False,
+                               pairwise=opts.pairwise, label_ids=label_ids)
         return cls(model, tokenizer, meta)
 
     @classmethod
@@ -473,17 +576,16 @@ class RewardModel:
                                   if k in RewardModelMeta.__dataclass_fields__})
         tokenizer = AutoTokenizer.from_pretrained(p)
         _ensure_pad_token(tokenizer)
+        causal_lm = bool(meta.label_ids)
         if meta.lora is not None:
             from peft import PeftModel
 
-            base = AutoModelForSequenceClassification.from_pretrained(
-                resolve_backbone(meta.backbone), num_labels=1, dtype=torch.float32)
+            base = _auto_model(resolve_backbone(meta.backbone), meta.pairwise, causal_lm)
             _fit_embeddings(base, tokenizer)  # a pad token added by ``create``
             base.config.pad_token_id = tokenizer.pad_token_id
             model = PeftModel.from_pretrained(base, p / ADAPTER_DIR)
         else:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                p, num_labels=1, dtype=torch.float32)
+            model = _auto_model(str(p), meta.pairwise, causal_lm)
         if not meta.dropout:
             _disable_dropout(model)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -510,7 +612,8 @@ class RewardModel:
         else:
             self.model.save_pretrained(p, state_dict=state_dict)
         own = self.tokenizer.chat_template
-        template = crome_chat_template(self.formatter)
+        # a pairwise model's input is not one answer's chat: no template is written for it
+        template = None if self.meta.pairwise else crome_chat_template(self.formatter)
         self.meta.chat_template = ("tokenizer" if self.formatter.use_template
                                    else "crome" if template else "")
         if template is not None:  # on the saved tokenizer only: crome formats by its mode
@@ -531,10 +634,22 @@ class RewardModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def pairwise(self) -> bool:
+        return self.meta.pairwise
+
     def forward(self, batch: Batch) -> torch.Tensor:
-        """Rewards of a collated batch (moved to the model's device), on that device."""
-        out = self.model(**batch.to(self.device).as_kwargs())
-        return out.logits.squeeze(-1)
+        """Rewards of a collated batch (moved to the model's device), on that device; for a
+        pairwise model, the (rows, 3) logits of LABELS."""
+        return self.outputs(batch.to(self.device), self.model)
+
+    def outputs(self, batch: Batch, model: nn.Module) -> torch.Tensor:
+        """What ``model`` (this RM's network, or the trainer's handle on it) gives for
+        ``batch``: one reward per row, or a pairwise model's three logits per row."""
+        if self.meta.label_ids:
+            return label_logits(model, batch, self.meta.label_ids)
+        logits = model(**batch.as_kwargs()).logits
+        return logits if self.meta.pairwise else logits.squeeze(-1)
 
     def num_parameters(self, trainable_only: bool = False) -> int:
         return sum(p.numel() for p in self.model.parameters()
@@ -591,15 +706,66 @@ def _fit_embeddings(model: nn.Module, tokenizer: Any) -> None:
         weight[old:] = weight[:old].mean(dim=0, keepdim=True)
 
 
-def _wrap_lora(model: nn.Module, lora: LoraOptions) -> nn.Module:
+def _wrap_lora(model: nn.Module, lora: LoraOptions, causal_lm: bool = False) -> nn.Module:
+    """LoRA adapters; a reward head (new weights) is trained and saved whole, a language
+    model's head (a pairwise decoder reads its label rows) is left as it is."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     config = LoraConfig(
-        task_type=TaskType.SEQ_CLS,
+        task_type=TaskType.CAUSAL_LM if causal_lm else TaskType.SEQ_CLS,
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
-        modules_to_save=head_module_names(model),
+        modules_to_save=None if causal_lm else head_module_names(model),
     )
     return get_peft_model(model, config)
+
+
+def _auto_model(path: str, pairwise: bool, causal_lm: bool) -> nn.Module:
+    """The HF model class an RM is made of: a one-output (BT) or three-output (pairwise)
+    sequence-classification head, or a causal LM whose label tokens a pairwise decoder
+    reads."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if causal_lm:
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                           output_loading_info=True)
+        # an LM head the checkpoint lacks is random: a LoRA adapter (which leaves it out)
+        # would not come back with it, and its label rows would read noise
+        model.crome_head_missing = any(k.startswith("lm_head") for k in info["missing_keys"])
+        return model
+    return AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=len(LABELS) if pairwise else 1, dtype=torch.float32)
+
+
+def verdict_token_ids(tokenizer: Any, chat_template: bool) -> list[int]:
+    """The first token of each verdict word (LABELS) as the model would write it next: at the
+    start of its turn with a chat template, after a space otherwise. They must differ."""
+    ids = []
+    for word in LABELS:
+        toks = tokenizer(word if chat_template else " " + word, add_special_tokens=False)
+        if not toks["input_ids"]:
+            raise ValueError(f"the tokenizer gives no token for the verdict {word!r}")
+        ids.append(int(toks["input_ids"][0]))
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"the verdicts {LABELS} share a first token ({ids}): this tokenizer "
+                         "cannot tell them apart in one step")
+    return ids
+
+
+def label_logits(model: nn.Module, batch: Batch, label_ids: Sequence[int]) -> torch.Tensor:
+    """A causal LM's next-token logits of ``label_ids`` after each row's last real token
+    (right padding): the backbone's last hidden state times those rows of the LM head, which
+    equals the full logits at those entries without computing the whole vocabulary."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(inner, inner.base_model_prefix)
+    hidden = body(**batch.as_kwargs()).last_hidden_state
+    last = batch.attention_mask.sum(dim=1) - 1
+    h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    head = inner.get_output_embeddings()
+    rows = torch.as_tensor(list(label_ids), device=h.device)
+    logits = h @ head.weight[rows].T.to(h.dtype)
+    if getattr(head, "bias", None) is not None:
+        logits = logits + head.bias[rows]
+    return logits

@@ -230,6 +230,11 @@ def resolve_prefix_sharing(rm: RewardModel, setting: bool | None) -> bool:
     does not work); ``False``: off."""
     if setting is False:
         return False
+    if rm.pairwise:  # one row already holds the prompt and both answers
+        if setting:
+            raise ValueError("prefix sharing is for reward models that score one answer per "
+                             "sequence; a pairwise model reads both answers in one")
+        return False
     works = prefix_sharing_works(rm)
     if setting is True and not works:
         raise ValueError(f"prefix sharing does not work for this RM (formatting "

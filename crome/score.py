@@ -209,13 +209,14 @@ def _packed_chunks(rm: RewardModel, encs: Sequence[Encoded], answers: int, block
 
 def score_encoded(rm: RewardModel, encs: Sequence[Encoded], options: ScoreOptions | None = None,
                   stats: ScoreStats | None = None,
-                  on_batch: Callable[[int], None] | None = None) -> list[float]:
-    """Rewards for already-encoded sequences, in their order."""
+                  on_batch: Callable[[int], None] | None = None) -> list[Any]:
+    """Rewards for already-encoded sequences, in their order (a pairwise model: the list of
+    its three logits per sequence)."""
     opts = options or ScoreOptions()
     block = row_block(opts.bf16, rm.device.type)
     bs = max(block, -(-opts.batch_size // block) * block)
     sharing = bool(encs) and resolve_prefix_sharing(rm, opts.prefix_sharing)
-    out: list[float] = [0.0] * len(encs)
+    out: list[Any] = [0.0] * len(encs)
     was_training = rm.model.training
     rm.model.eval()
     start = time.perf_counter()
@@ -247,6 +248,9 @@ def score_encoded(rm: RewardModel, encs: Sequence[Encoded], options: ScoreOption
 def score_texts(rm: RewardModel, prompts: Sequence[Prompt], answers: Sequence[str],
                 options: ScoreOptions | None = None, stats: ScoreStats | None = None,
                 on_batch: Callable[[int], None] | None = None) -> list[float]:
+    if rm.pairwise:
+        raise ValueError("a pairwise model gives no reward to one answer: compare two with "
+                         "crome.pairwise.compare_texts")
     counts = stats.truncation if stats is not None else None
     encs = rm.formatter.encode_many(list(prompts), list(answers), counts)
     return score_encoded(rm, encs, options, stats, on_batch)
@@ -256,8 +260,16 @@ def score_pairs(rm: RewardModel, records: Sequence[PairRecord],
                 options: ScoreOptions | None = None, stats: ScoreStats | None = None,
                 on_batch: Callable[[int], None] | None = None,
                 ) -> tuple[list[float], list[float]]:
-    """Rewards of the chosen and the rejected answer of every record (one scoring pass)."""
+    """Rewards of the chosen and the rejected answer of every record (one scoring pass); for
+    a pairwise model, ``P(chosen ≻ rejected)`` and ``P(rejected ≻ chosen)``, both orders
+    averaged (:func:`crome.pairwise.compare_texts`)."""
     prompts = [r.prompt for r in records]
+    if rm.pairwise:
+        from crome.pairwise import compare_texts
+
+        prefs = compare_texts(rm, prompts, [r.chosen for r in records],
+                              [r.rejected for r in records], options, stats, on_batch)
+        return [p.first for p in prefs], [p.second for p in prefs]
     answers = [r.chosen for r in records] + [r.rejected for r in records]
     scores = score_texts(rm, prompts + prompts, answers, options, stats, on_batch)
     n = len(records)
@@ -269,6 +281,9 @@ class RewardModelScorer:
 
     def __init__(self, rm: RewardModel, options: ScoreOptions | None = None,
                  name: str = "reward-model") -> None:
+        if rm.pairwise:
+            raise ValueError("a pairwise model gives no reward to one answer: use "
+                             "crome.pairwise.PairwiseScorer (or model_scorer)")
         self.rm = rm
         self.options = options or ScoreOptions()
         self.name = name
@@ -276,6 +291,17 @@ class RewardModelScorer:
 
     def score(self, prompts: Sequence[Prompt], answers: Sequence[str]) -> list[float]:
         return score_texts(self.rm, prompts, answers, self.options, self.stats)
+
+
+def model_scorer(rm: RewardModel, options: ScoreOptions | None = None,
+                 name: str = "reward-model") -> Any:
+    """The scorer of a loaded model: a :class:`RewardModelScorer` for a BT RM, a
+    :class:`crome.pairwise.PairwiseScorer` (a ``Comparer``) for a pairwise one."""
+    if rm.pairwise:
+        from crome.pairwise import PairwiseScorer
+
+        return PairwiseScorer(rm, options, name)
+    return RewardModelScorer(rm, options, name)
 
 
 def write_scores(records: Sequence[PairRecord], chosen: Sequence[float],

@@ -1,4 +1,6 @@
-"""Training a reward model: Bradley–Terry on preference pairs, the tie loss on neutral pairs.
+"""Training a reward model: Bradley–Terry on preference pairs, the tie loss on neutral pairs;
+or a pairwise preference model (``ModelOptions(pairwise=True)``, ``crome.pairwise``):
+cross-entropy on its verdicts, each pair in both orders, ties as the "Same" class.
 
 ``setup → fit → save``, readable top to bottom. What makes it fast on a CPU and exact:
 
@@ -50,7 +52,7 @@ from torch import nn
 
 from crome.data.schema import PairRecord
 from crome.evaluate.metrics import overall_accuracy, pair_outcomes
-from crome.losses import pair_loss
+from crome.losses import pair_loss, preference
 from crome.model import (
     Batch,
     Encoded,
@@ -110,8 +112,8 @@ class TrainOptions:
 
 @dataclass
 class EncodedPair:
-    first: Encoded  # chosen, or the first answer of a tie
-    second: Encoded
+    first: Encoded  # chosen, or the first answer of a tie (pairwise: the pair, chosen first)
+    second: Encoded  # (pairwise: the pair, chosen second)
     is_tie: bool
 
     @property
@@ -145,11 +147,15 @@ def encode_pairs(rm: RewardModel, records: Sequence[PairRecord],
                  counts: TruncationCounts | None = None) -> list[EncodedPair]:
     """Both answers of every pair. With decoder formatting a pair's prompt is cut once, for
     its longer answer (``Formatter.encode_group``), so the two share it token for token;
-    pair-template (encoder) sequences are cut each on its own."""
+    pair-template (encoder) sequences are cut each on its own. A pairwise model's two
+    sequences are the pair in both orders (``Formatter.encode_comparison``)."""
     f = rm.formatter
     out = []
     for r in records:
-        if f.has_prompt_split:
+        if rm.pairwise:  # the two orders: chosen as A, then as B
+            first = f.encode_comparison(r.prompt, r.chosen, r.rejected)
+            second = f.encode_comparison(r.prompt, r.rejected, r.chosen)
+        elif f.has_prompt_split:
             first, second = f.encode_group(r.prompt, [r.chosen, r.rejected])
         else:
             first, second = f.encode(r.prompt, r.chosen), f.encode(r.prompt, r.rejected)
@@ -203,8 +209,7 @@ class ChunkedRewards(nn.Module):
     def forward(self, chunks: list[Batch | PackedBatch]) -> torch.Tensor:  # type: ignore[override]
         device = next(self.model.parameters()).device
         return torch.cat([packed_rewards(self.model, c.to(device)) if isinstance(c, PackedBatch)
-                          else self.model(**c.to(device).as_kwargs()).logits.squeeze(-1)
-                          for c in chunks])
+                          else self.rm.outputs(c.to(device), self.model) for c in chunks])
 
 
 def micro_batch(rm: RewardModel, pairs: Sequence[EncodedPair], chunk_rows: int,
@@ -271,8 +276,11 @@ def train(records: Sequence[PairRecord], options: TrainOptions | None = None,
     _check_distributed(accelerator, opts, eval_records)
     set_seed(opts.seed)
     bf16 = resolve_bf16(opts.bf16)
+    if opts.model.pairwise and (opts.margin or opts.center_coef):
+        raise ValueError("margin and reward centering are Bradley–Terry options; a pairwise "
+                         "model is trained with cross-entropy on its verdicts")
     rm = RewardModel.create(opts.model)
-    if not opts.center_coef:
+    if not opts.center_coef and not rm.pairwise:  # a verdict head's bias is its class prior
         freeze_head_bias(rm.model)
     if opts.gradient_checkpointing:
         enable_gradient_checkpointing(rm.model)
@@ -351,8 +359,13 @@ def train(records: Sequence[PairRecord], options: TrainOptions | None = None,
                     rewards = wrapper(chunks)
                 rewards = rewards.float()[inverse.to(rewards.device)]
                 m = len(micro)
-                loss = pair_loss(rewards[:m], rewards[m:], is_tie.to(rewards.device), tie_weight=opts.tie_weight,
-                                 margin=opts.margin, center_coef=opts.center_coef)
+                ties = is_tie.to(rewards.device)
+                if rm.pairwise:
+                    loss = preference(rewards[:m], rewards[m:], ties,
+                                      tie_weight=opts.tie_weight)
+                else:
+                    loss = pair_loss(rewards[:m], rewards[m:], ties, tie_weight=opts.tie_weight,
+                                     margin=opts.margin, center_coef=opts.center_coef)
                 loss = loss * world / len(gbatch)
                 accelerator.backward(loss)
             step_loss += loss.detach() / world

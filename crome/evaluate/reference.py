@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from crome.data.schema import PairRecord, Prompt
@@ -29,6 +30,52 @@ class Scorer(Protocol):
     name: str
 
     def score(self, prompts: Sequence[Prompt], answers: Sequence[str]) -> list[float]: ...
+
+
+@dataclass(frozen=True)
+class Preference:
+    """A pairwise model's verdict on (first, second), both orders averaged:
+    ``P(first ≻ second)``, ``P(second ≻ first)`` and ``P(tie)`` (they sum to 1).
+    ``consistent``: the two orders, read on their own, name the same winner (or both a tie);
+    a position-biased model prefers whichever answer comes first (or second) instead."""
+
+    first: float
+    second: float
+    tie: float
+    consistent: bool
+
+    @property
+    def margin(self) -> float:
+        """``P(first ≻ second) − P(second ≻ first)``: > 0 where the first answer wins."""
+        return self.first - self.second
+
+
+@runtime_checkable
+class Comparer(Protocol):
+    """Anything that judges two answers to one prompt at once (a pairwise preference model,
+    :class:`crome.pairwise.PairwiseScorer`): one :class:`Preference` per (prompt, first,
+    second). It gives no reward to one answer, so evaluations that need one (best-of-N)
+    rank candidates by comparisons instead (:mod:`crome.evaluate.bon`)."""
+
+    name: str
+
+    def compare(self, prompts: Sequence[Prompt], firsts: Sequence[str],
+                seconds: Sequence[str]) -> list[Preference]: ...
+
+
+def is_comparer(scorer: object) -> bool:
+    """Whether ``scorer`` compares pairs (a :class:`Comparer`) rather than scoring answers."""
+    return callable(getattr(scorer, "compare", None))
+
+
+def compare_pairs(comparer: Comparer, records: Sequence[PairRecord]) -> list[Preference]:
+    """The comparer's verdict on (chosen, rejected) of every record, in order."""
+    prefs = comparer.compare([r.prompt for r in records], [r.chosen for r in records],
+                             [r.rejected for r in records])
+    if len(prefs) != len(records):
+        raise ValueError(f"comparer {comparer.name!r} returned {len(prefs)} verdicts for "
+                         f"{len(records)} records")
+    return prefs
 
 
 def _check_lengths(prompts: Sequence[Prompt], answers: Sequence[str]) -> None:
@@ -168,10 +215,15 @@ def get_reference_scorer(name: str) -> Scorer:
         raise ValueError(f"unknown reference scorer {name!r}; known: {known}") from None
 
 
-def score_pairs(scorer: Scorer, records: Sequence[PairRecord]) -> tuple[list[float],
-                                                                         list[float]]:
+def score_pairs(scorer: Scorer | Comparer, records: Sequence[PairRecord],
+                ) -> tuple[list[float], list[float]]:
     """Rewards of the chosen and the rejected answers of ``records``, in order, ready for
-    :func:`crome.evaluate.metrics.pair_outcomes`."""
+    :func:`crome.evaluate.metrics.pair_outcomes`. For a :class:`Comparer`, the two "rewards"
+    of a pair are ``P(chosen ≻ rejected)`` and ``P(rejected ≻ chosen)``: the pair is right
+    where the first is larger, as it is for rewards."""
+    if is_comparer(scorer):
+        prefs = compare_pairs(scorer, records)  # type: ignore[arg-type]
+        return [p.first for p in prefs], [p.second for p in prefs]
     prompts = [r.prompt for r in records]
     chosen = scorer.score(prompts, [r.chosen for r in records])
     rejected = scorer.score(prompts, [r.rejected for r in records])
