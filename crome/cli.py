@@ -111,8 +111,13 @@ def train_cmd(
     gradient_checkpointing: Annotated[bool, typer.Option(
         "--gradient-checkpointing/--no-gradient-checkpointing",
         help="Recompute activations in the backward pass: less memory, more compute")] = False,
+    pairwise: Annotated[bool, typer.Option(
+        "--pairwise/--bradley-terry",
+        help="A pairwise preference model (reads the prompt and both answers; verdict A, B "
+        "or Same) instead of a Bradley–Terry RM")] = False,
 ) -> None:
-    """Train a reward model (BT on preferences, tie loss on neutral pairs)."""
+    """Train a reward model (BT on preferences, tie loss on neutral pairs), or with
+    --pairwise a pairwise preference model (cross-entropy, both orders, ties as Same)."""
     from crome.model import LoraOptions, ModelOptions
     from crome.train import TrainOptions, train
 
@@ -123,7 +128,7 @@ def train_cmd(
         model=ModelOptions(backbone=backbone, max_length=max_length,
                            min_prompt_tokens=min_prompt_tokens, dropout=dropout,
                            lora=LoraOptions(r=lora_r, alpha=2 * lora_r) if lora_r else None,
-                           seed=seed),
+                           seed=seed, pairwise=pairwise),
         epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         tie_weight=tie_weight, margin=margin, center_coef=center_coef, bf16=bf16, seed=seed,
         max_steps=max_steps, checkpoint_every=checkpoint_every, eval_every=eval_every,
@@ -147,7 +152,8 @@ def score_cmd(
     skip_invalid: SkipOpt = False,
     prefix_sharing: SharingOpt = None,
 ) -> None:
-    """Score both answers of every pair; rewards are written in input order."""
+    """Score both answers of every pair; rewards are written in input order. A pairwise
+    model writes P(chosen ≻ rejected) and P(rejected ≻ chosen), both orders averaged."""
     from crome.score import ScoreOptions, score_file
 
     stats, report = score_file(model, input, output,
@@ -170,13 +176,13 @@ def _scorers(model: list[Path] | None, reference: list[str] | None, batch_size: 
              bf16: bool) -> list:  # type: ignore[type-arg]
     from crome.evaluate.reference import get_reference_scorer
     from crome.model import RewardModel
-    from crome.score import RewardModelScorer, ScoreOptions
+    from crome.score import ScoreOptions, model_scorer
 
     if not model and not reference:
         raise typer.BadParameter("give --model and/or --reference")
     scorers = [get_reference_scorer(r) for r in reference or []]
-    return scorers + [RewardModelScorer(RewardModel.load(m), ScoreOptions(batch_size, bf16),
-                                        name=m.name) for m in model or []]
+    return scorers + [model_scorer(RewardModel.load(m), ScoreOptions(batch_size, bf16),
+                                   name=m.name) for m in model or []]
 
 
 @app.command("eval")

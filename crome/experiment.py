@@ -14,7 +14,9 @@ killed run goes on where it stopped:
 4. **filter**: the baseline keeps the augmented pairs it gets wrong or is unsure about.
 5. **arms × seeds**: each arm's training data is the original pairs plus its share of the
    augmented pairs (see :data:`ARMS`); every arm trains with the same backbone, options and
-   seeds, into ``models/<arm>/seed-<k>``.
+   seeds, into ``models/<arm>/seed-<k>``. The ``*-pairpm`` arms train pairwise preference
+   models (:mod:`crome.pairwise`) on the data of the BT arm they are named after, with
+   ``pairwise_max_length`` tokens for the prompt and both answers.
 6. **evaluation** of every model: held-out accuracy, RewardBench sections, length bias, the
    perturbation suite, best-of-N on GSM8K test and the causal audit, into
    ``seed-<k>/eval`` (the reference scorers once, in the first seed's folder).
@@ -44,7 +46,7 @@ from crome.evaluate.audit import AuditOptions, audit, rules_probe_pairs
 from crome.evaluate.bon import BoNOptions, run_bon
 from crome.evaluate.metrics import REWARDBENCH_SECTIONS
 from crome.evaluate.perturb import PerturbOptions, evaluate_perturbations
-from crome.evaluate.reference import REFERENCE_SCORERS, Scorer
+from crome.evaluate.reference import REFERENCE_SCORERS, Comparer, Scorer
 from crome.evaluate.run import (
     HEADLINE_ROWS,
     HELD_OUT,
@@ -65,7 +67,7 @@ from crome.model import LoraOptions, ModelOptions, RewardModel
 from crome.oracle import OracleOptions, make_oracle
 from crome.progress import progress_callback
 from crome.rubrics import RubricOptions, make_rubrics, read_rubrics
-from crome.score import RewardModelScorer, ScoreOptions
+from crome.score import ScoreOptions, model_scorer
 from crome.train import SUMMARY_FILE, TrainOptions, train
 
 TRAIN_SOURCES = ("hh-rlhf/helpful-online", "hh-rlhf/helpful-rejection-sampled")
@@ -80,7 +82,12 @@ ARMS: dict[str, str] = {
     "neutral-only": "the neutral pairs the filter kept",
     "crome": "the causal and neutral pairs the filter kept",
     "crome-nofilter": "every causal and neutral pair, unfiltered",
+    # Pairwise preference models (crome.pairwise) on the data of the BT arm of the same name
+    "vanilla-pairpm": "a pairwise preference model on the vanilla arm's data",
+    "rrm-pairpm": "a pairwise preference model on the rrm arm's data (off-prompt ties: Same)",
+    "crome-pairpm": "a pairwise preference model on the crome arm's data (neutral pairs: Same)",
 }
+PAIRPM_SUFFIX = "-pairpm"
 # The tie:causal sweep adds arms ``crome-ties-<r>x``: the kept causal pairs and r times as
 # many kept neutral pairs (a seeded sample).
 SWEEP_PREFIX = "crome-ties-"
@@ -93,6 +100,8 @@ CURVE_PREFIX = "crome-causal-"
 COMPARISONS: tuple[tuple[str, str], ...] = (
     ("crome", "vanilla"), ("crome", "rrm"), ("rrm", "vanilla"),
     ("causal-only", "crome"), ("neutral-only", "crome"), ("crome-nofilter", "crome"),
+    ("crome-pairpm", "vanilla-pairpm"), ("crome-pairpm", "rrm-pairpm"),
+    ("rrm-pairpm", "vanilla-pairpm"), ("vanilla-pairpm", "vanilla"), ("crome-pairpm", "crome"),
 )
 
 
@@ -111,6 +120,8 @@ class ExperimentOptions:
     backbone: str | None = None  # None: the packaged MiniLM; a Hub id or folder (decoders too)
     lora_r: int = 0  # LoRA rank (alpha = 2r); 0 = full fine-tuning
     max_length: int = 128
+    # a pairwise model reads the prompt and both answers: None = 2 x max_length tokens
+    pairwise_max_length: int | None = None
     epochs: float = 1.0
     batch_size: int = 16
     lr: float = 1e-4
@@ -317,7 +328,7 @@ def augmentation(originals: list[PairRecord], subset: list[PairRecord], baseline
     reports["neutral"] = neutral_report.to_dict()
     neutral = read_pairs(aug / "neutral.jsonl")
     rrm: list[PairRecord] = []
-    if "rrm" in opts.arms:
+    if "rrm" in opts.arms or "rrm" + PAIRPM_SUFFIX in opts.arms:
         rrm_report = augment(originals, aug / "rrm.jsonl",
                              AugmentOptions(recipe="rrm", seed=opts.data_seed))
         echo(rrm_report.summary())
@@ -335,8 +346,14 @@ def augmentation(originals: list[PairRecord], subset: list[PairRecord], baseline
     return Augmented(causal, neutral, rrm, kept, reports)
 
 
+def is_pairwise_arm(arm: str) -> bool:
+    return arm.endswith(PAIRPM_SUFFIX)
+
+
 def arm_data(arm: str, originals: list[PairRecord], aug: Augmented, seed: int) -> list[PairRecord]:
-    """The training records of ``arm`` (the originals first, then its augmented pairs)."""
+    """The training records of ``arm`` (the originals first, then its augmented pairs); a
+    pairwise arm trains on the data of the BT arm it is named after."""
+    arm = arm.removesuffix(PAIRPM_SUFFIX)
     if arm == "vanilla":
         extra: list[PairRecord] = []
     elif arm == "rrm":
@@ -366,26 +383,30 @@ def arm_data(arm: str, originals: list[PairRecord], aug: Augmented, seed: int) -
 
 
 def train_arm(records: list[PairRecord], model_dir: Path, seed: int,
-              opts: ExperimentOptions) -> dict[str, Any]:
+              opts: ExperimentOptions, pairwise: bool = False) -> dict[str, Any]:
     """Train one model, or read the summary of the one already there (resume)."""
     summary_file = model_dir / SUMMARY_FILE
     if summary_file.exists():
         return json.loads(summary_file.read_text())
-    summary = train(records, arm_train_options(model_dir, seed, opts))
+    summary = train(records, arm_train_options(model_dir, seed, opts, pairwise))
     return asdict(summary)
 
 
-def arm_train_options(model_dir: Path, seed: int, opts: ExperimentOptions) -> TrainOptions:
-    """What every arm trains with: only the output folder and the seed differ."""
+def arm_train_options(model_dir: Path, seed: int, opts: ExperimentOptions,
+                      pairwise: bool = False) -> TrainOptions:
+    """What every arm trains with: only the output folder and the seed differ (and for a
+    pairwise model its kind and ``pairwise_max_length``, as it reads two answers)."""
+    max_length = (opts.pairwise_max_length or 2 * opts.max_length) if pairwise \
+        else opts.max_length
     return TrainOptions(
         output_dir=str(model_dir), model=ModelOptions(
-            backbone=opts.backbone, max_length=opts.max_length,
+            backbone=opts.backbone, max_length=max_length, pairwise=pairwise,
             lora=LoraOptions(r=opts.lora_r, alpha=2 * opts.lora_r) if opts.lora_r else None),
         epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, seed=seed,
         tie_weight=opts.tie_weight, progress=opts.progress)
 
 
-def evaluate_model(scorer: Scorer, sets: Sequence[EvalSet], robust_sets: Sequence[EvalSet],
+def evaluate_model(scorer: Scorer | Comparer, sets: Sequence[EvalSet], robust_sets: Sequence[EvalSet],
                    probes: list[PairRecord], eval_dir: Path, opts: ExperimentOptions,
                    data_dir: Path, seed: int) -> None:
     """Every held-out figure of one scorer, written into ``eval_dir`` (skipped if there)."""
@@ -449,7 +470,8 @@ def experiment(options: ExperimentOptions | None = None,
             records = arm_data(arm, originals, aug, seed)
             echo(f"{arm}, seed {seed}: {len(records)} pairs "
                  f"({len(records) - len(originals)} augmented)")
-            trained[arm][seed] = train_arm(records, models / arm / f"seed-{seed}", seed, opts)
+            trained[arm][seed] = train_arm(records, models / arm / f"seed-{seed}", seed, opts,
+                                           pairwise=is_pairwise_arm(arm))
 
     stages.start("evaluate every model on the held-out sets and the robustness suite")
     robust_sets = load_eval_sets(PERTURB_SETS, data_dir=data_dir, limit=opts.perturb_eval)
@@ -459,10 +481,10 @@ def experiment(options: ExperimentOptions | None = None,
         echo(line)
     for seed in opts.seeds:
         eval_dir = out / f"seed-{seed}" / "eval"
-        scorers: list[Scorer] = [cls() for cls in REFERENCE_SCORERS.values()] \
+        scorers: list[Scorer | Comparer] = [cls() for cls in REFERENCE_SCORERS.values()] \
             if seed == first else []
-        scorers += [RewardModelScorer(RewardModel.load(models / arm / f"seed-{seed}"),
-                                      ScoreOptions(batch_size=64), name=arm) for arm in arms]
+        scorers += [model_scorer(RewardModel.load(models / arm / f"seed-{seed}"),
+                                 ScoreOptions(batch_size=64), name=arm) for arm in arms]
         for scorer in scorers:
             echo(f"evaluating {scorer.name}, seed {seed} ...")
             evaluate_model(scorer, sets, robust_sets, probes, eval_dir, opts, data_dir, seed)

@@ -85,12 +85,17 @@ def render_model_card(directory: Path, meta: RewardModelMeta, train_summary: Any
     if base:
         front.append(f"base_model: {base}")
     front.append("---")
+    what = (("A pairwise preference model trained with [crome](https://arxiv.org/abs/2506.16507) "
+             "(causally robust reward modelling): it reads a prompt and two answers and gives "
+             "the probabilities of the verdicts \"A is better\", \"B is better\" and "
+             "\"Same\". crome runs each comparison in both orders and averages them.")
+            if meta.pairwise else
+            ("A reward model trained with [crome](https://arxiv.org/abs/2506.16507) (causally "
+             "robust reward modelling): a sequence-classification model with one output, the "
+             "reward of an answer to a prompt. Higher is better; only differences between "
+             "answers to the same prompt are meaningful."))
     out = front + [
-        "", f"# {directory.resolve().name}", "",
-        ("A reward model trained with [crome](https://arxiv.org/abs/2506.16507) (causally "
-        "robust reward modelling): a sequence-classification model with one output, the "
-        "reward of an answer to a prompt. Higher is better; only differences between answers "
-        "to the same prompt are meaningful."), "",
+        "", f"# {directory.resolve().name}", "", what, "",
         f"Backbone: `{meta.backbone}`" + (f" ({base})" if base else "") + ".", ""]
     out += _data_section(data_counts, summary)
     out += _options_section(meta)
@@ -186,8 +191,31 @@ def _figures_section(summary: Mapping[str, Any], results: Mapping[str, Any] | No
     return out
 
 
+def _pairwise_usage(where: str, meta: RewardModelMeta) -> list[str]:
+    from crome.model import COMPARE_FRAME, COMPARE_SUFFIX, ENCODER_FRAME, LABELS
+
+    if meta.label_ids:
+        form = (f"a causal LM: the frame `{COMPARE_FRAME!r}` is the user turn of the chat "
+                f"template (without one, followed by `{COMPARE_SUFFIX!r}`), and the verdict is "
+                f"the next token: the logits of token ids {meta.label_ids} "
+                f"({', '.join(LABELS)})")
+    else:
+        form = (f"a cross-encoder with a 3-way head (outputs {', '.join(LABELS)}); its input is "
+                f"the pair `{ENCODER_FRAME!r}`, split at `|` into the tokenizer's two "
+                "segments")
+    return ["## Use it", "",
+            (f"crome: `crome eval --model {where}`, `crome bon --model {where}` (knockout and "
+             f"round-robin), `crome serve-rm --model {where}` (`POST /compare`); in Python, "
+             f"`crome.model.RewardModel.load({where!r})` and "
+             "`crome.pairwise.compare_texts`. This model is " + form + ". Past "
+             f"{meta.max_length} tokens crome cuts the start of the prompt, then the two "
+             "answers fairly (a short one whole, else half the room each)."), ""]
+
+
 def _usage_section(directory: Path, meta: RewardModelMeta) -> list[str]:
     where = str(directory)
+    if meta.pairwise:
+        return _pairwise_usage(where, meta)
     out = ["## Use it", "",
            (f"crome itself: `crome score pairs.jsonl scores.jsonl --model {where}` scores both "
            f"answers of every pair; `crome serve-rm --model {where}` serves it over HTTP "

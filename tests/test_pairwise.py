@@ -215,3 +215,29 @@ def test_a_pairwise_decoder_trains_with_lora_and_reloads_bit_identically(tiny_ch
     assert compare_texts(rm, *args) == compare_texts(again, *args, ScoreOptions(batch_size=5))
     fresh = RewardModel.create(model)
     assert compare_texts(fresh, *args) != compare_texts(rm, *args)
+
+
+def test_the_cli_trains_scores_and_evaluates_a_pairwise_model(tiny_bert, helpers, tmp_path):
+    from crome.data.io import write_pairs
+
+    data = tmp_path / "pairs.jsonl"
+    write_pairs(helpers.keyword_pairs(16, seed=5), data)
+    out = tmp_path / "pm"
+    proc = helpers.run_cli("train", "--data", data, "--pairwise", "--backbone", tiny_bert,
+                           "--out", out, "--max-length", "64", "--batch-size", "4",
+                           "--no-bf16", "--no-progress", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "crome.json").read_text())["pairwise"]
+    assert "pairwise preference model" in (out / "README.md").read_text()
+    proc = helpers.run_cli("score", data, tmp_path / "scores.jsonl", "--model", out,
+                           cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "scores.jsonl").read_text().splitlines()]
+    assert len(rows) == 16 and all(0 < r["reward_chosen"] < 1 for r in rows)
+    proc = helpers.run_cli("eval", "--data", data, "--model", out, "--out", tmp_path / "ev",
+                           cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "consistency of the two orders" in proc.stdout
+    result = json.loads((tmp_path / "ev" / "results.json").read_text())["pm"]
+    summary = next(iter(result["sets"].values()))
+    assert 0 <= summary["consistency"] <= 1 and summary["n_pairs"] == 16

@@ -1,7 +1,8 @@
 """``crome eval``: score held-out pairs with any scorer and write per-example and summary files.
 
 A scorer is anything with ``name`` and ``score(prompts, answers)``: a trained RM
-(:class:`crome.score.RewardModelScorer`) or a reference scorer that shows bias. Results are
+(:class:`crome.score.RewardModelScorer`) or a reference scorer that shows bias; or a pairwise
+model with ``compare(prompts, firsts, seconds)`` (:class:`crome.pairwise.PairwiseScorer`). Results are
 per eval set (``helpful-base``, ``llmbar`` …) with subsets inside; ``headline`` rows pool the
 subsets people quote (e.g. the four LLMBar Adversarial files, 319 pairs).
 """
@@ -24,7 +25,7 @@ from crome.evaluate.metrics import (
     pair_outcomes,
     summarize,
 )
-from crome.evaluate.reference import Scorer, score_pairs
+from crome.evaluate.reference import Comparer, Scorer, compare_pairs, is_comparer, score_pairs
 
 # The held-out sets of the quickstart (../shared/data/README.md: never used for training).
 HELD_OUT = ("hh-rlhf/helpful-base", "hh-rlhf/harmless-base", "llmbar", "xstest")
@@ -73,19 +74,29 @@ def load_eval_sets(names: Sequence[str], data_dir: str | os.PathLike[str] | None
     return sets
 
 
-def evaluate_scorer(scorer: Scorer, sets: Sequence[EvalSet],
+def evaluate_scorer(scorer: Scorer | Comparer, sets: Sequence[EvalSet],
                     output_dir: str | os.PathLike[str] | None = None) -> dict[str, Any]:
-    """Score every set; returns (and writes) ``{set: summary}`` plus headline rows."""
+    """Score every set; returns (and writes) ``{set: summary}`` plus headline rows. A
+    pairwise model (a ``Comparer``) is judged on P(chosen ≻ rejected) vs P(rejected ≻
+    chosen), both orders averaged; each set's summary adds its ``consistency``."""
     results: dict[str, Any] = {"scorer": scorer.name, "sets": {}}
     outcomes_by_set: dict[str, list[PairOutcome]] = {}
     out = Path(output_dir) if output_dir is not None else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     for es in sets:
-        chosen, rejected = score_pairs(scorer, es.records)
+        consistency = None
+        if is_comparer(scorer):
+            prefs = compare_pairs(scorer, es.records)  # type: ignore[arg-type]
+            chosen, rejected = [p.first for p in prefs], [p.second for p in prefs]
+            consistency = sum(p.consistent for p in prefs) / len(prefs) if prefs else None
+        else:
+            chosen, rejected = score_pairs(scorer, es.records)
         outcomes = pair_outcomes(es.records, chosen, rejected)
         outcomes_by_set[es.name] = outcomes
         summary = summarize(outcomes)
+        if is_comparer(scorer):  # the two orders name the same winner (position bias: not)
+            summary["consistency"] = consistency
         summary["skipped_at_load"] = es.skipped
         results["sets"][es.name] = summary
         if out is not None:
@@ -130,6 +141,10 @@ def results_table(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any
                 for section, value in rb["sections"].items():
                     rows.setdefault(f"RewardBench {section} (partial: {set_name})",
                                     {})[scorer] = value
+        for set_name, summ in res["sets"].items():
+            if summ.get("consistency") is not None:  # pairwise models
+                rows.setdefault(f"{set_name}: consistency of the two orders",
+                                {})[scorer] = summ["consistency"]
         hb = res["sets"].get("hh-rlhf/helpful-base")
         if hb:
             lb = hb["length_bias"]
