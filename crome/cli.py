@@ -633,6 +633,9 @@ def experiment_cmd(
         help="Every arm's backbone: HF folder or Hub id (default: the packaged MiniLM)")] = None,
     lora_r: Annotated[int | None, typer.Option(help="LoRA rank; 0 = full fine-tuning")] = None,
     max_length: int | None = None,
+    pairwise_max_length: Annotated[int | None, typer.Option(
+        help="Tokens for the prompt and both answers of the *-pairpm arms (default: 2 x "
+             "--max-length)")] = None,
     epochs: float | None = None,
     batch_size: int | None = None,
     lr: float | None = None,
@@ -669,7 +672,9 @@ def experiment_cmd(
     the neutral pairs the filter kept; crome: both; crome-nofilter: every causal and neutral
     pair, unfiltered; crome-ties-<r>x (--tie-ratios): the kept causal pairs and r times as
     many kept neutral pairs; crome-causal-<f> (--causal-fractions): a nested fraction f of
-    the kept causal pairs and every kept neutral pair. The augmentation and the baseline
+    the kept causal pairs and every kept neutral pair; vanilla-pairpm, rrm-pairpm,
+    crome-pairpm: pairwise preference models on the data of vanilla, rrm, crome (ties and
+    neutral pairs are their "Same" class). The augmentation and the baseline
     (vanilla, first seed; also the filter's baseline) are made once and shared.
 
     Presets: quickstart (vanilla and crome, seeds 0,1,2, 600 training pairs, 12 pairs
@@ -686,8 +691,8 @@ def experiment_cmd(
         preset, output_dir=output_dir, data_dir=data_dir, arms=_csv(arms, str),
         seeds=_csv(seeds, int), tie_ratios=_csv(tie_ratios, float),
         causal_fractions=_csv(causal_fractions, float), backbone=backbone,
-        lora_r=lora_r, max_length=max_length, epochs=epochs, batch_size=batch_size, lr=lr,
-        tie_weight=tie_weight, oracle=oracle, oracle_model=oracle_model,
+        lora_r=lora_r, max_length=max_length, pairwise_max_length=pairwise_max_length,
+        epochs=epochs, batch_size=batch_size, lr=lr, tie_weight=tie_weight, oracle=oracle, oracle_model=oracle_model,
         cache=cache, augment_pairs=augment_pairs, attributes_per_pair=attributes,
         neutral_pairs=neutral_pairs, tau=tau, validate=validate, lookup_tokens=lookup_tokens,
         rewardbench=rewardbench, perturb_eval=perturb_eval,
