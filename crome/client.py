@@ -6,6 +6,11 @@ server-side timeout) are tried again with exponential backoff, since scoring is 
 Any other 4xx or 5xx raises :class:`RewardServerError` at once, carrying the server's
 ``{"error": {"message", "field", "type"}}``.
 
+``compare`` and ``compare_many`` ask a server that holds a pairwise preference model
+(``POST /compare``) for its verdicts, as :class:`crome.evaluate.reference.Preference`
+(``first`` is ``a``, ``second`` is ``b``); a server with a Bradley-Terry RM refuses them (400
+``wrong_model``), as a PairPM server refuses ``score`` (``health()["pairwise"]`` says which).
+
 ``reward_fn(url)`` makes a function for TRL's ``GRPOTrainer(reward_funcs=[...])``: it takes
 TRL's ``prompts`` and ``completions`` (strings, or chat message lists in TRL's conversational
 format) and sends each run of identical consecutive prompts (a GRPO group, best-of-N
@@ -27,6 +32,7 @@ from typing import Any, Self
 
 import httpx
 
+from crome.evaluate.reference import Preference  # no torch: a dataclass
 from crome.oracle.openai import retry_after_seconds  # no torch: httpx and the stdlib
 
 log = logging.getLogger("crome.client")
@@ -77,6 +83,15 @@ def _error_of(response: httpx.Response) -> tuple[str, str | None, str | None]:
         return (text[:300] or response.reason_phrase or "no body"), None, None
 
 
+def _preference(verdict: dict[str, Any], base_url: str) -> Preference:
+    try:
+        return Preference(first=float(verdict["a"]), second=float(verdict["b"]),
+                          tie=float(verdict["tie"]), consistent=bool(verdict["consistent"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RewardServerError(base_url + "/compare",
+                                f"not a verdict: {str(verdict)[:200]}") from exc
+
+
 class RewardClient:
     """Synchronous client of one ``crome serve-rm`` server; thread-safe (one pooled
     ``httpx.Client``). Use it as a context manager, or call :meth:`close`.
@@ -118,8 +133,28 @@ class RewardClient:
         body = {"query": list(queries), "truncate": self.options.truncate}
         return self._rewards("/get_reward", body, len(queries))
 
+    def compare(self, prompt: PromptInput, a: str, b: str) -> Preference:
+        """A pairwise model's verdict on answers ``a`` and ``b`` to ``prompt``, both orders
+        averaged (``POST /compare``): ``first`` is P(a ≻ b), ``second`` P(b ≻ a)."""
+        body = {"prompt": prompt, "a": a, "b": b, "truncate": self.options.truncate}
+        return _preference(self._request("POST", "/compare", body).json(), self.base_url)
+
+    def compare_many(self, prompt: PromptInput,
+                     pairs: Sequence[tuple[str, str]]) -> list[Preference]:
+        """Verdicts on several ``(a, b)`` pairs of answers to one ``prompt``, in order, in
+        one request (``POST /compare`` with ``pairs``; each pair counts as two answers
+        against the server's ``--max-items``)."""
+        body = {"prompt": prompt, "pairs": [{"a": a, "b": b} for a, b in pairs],
+                "truncate": self.options.truncate}
+        url = self.base_url + "/compare"
+        got = self._request("POST", "/compare", body).json()["comparisons"]
+        if len(got) != len(pairs):
+            raise RewardServerError(url, f"{len(got)} verdicts for {len(pairs)} pairs")
+        return [_preference(v, self.base_url) for v in got]
+
     def health(self) -> dict[str, Any]:
-        """``GET /health``: status, model name and max_length."""
+        """``GET /health``: status, model name, max_length and whether the model is
+        pairwise."""
         return self._request("GET", "/health").json()
 
     # -- the one request loop -----------------------------------------------------------

@@ -10,14 +10,33 @@ Routes (JSON in, JSON out; every error is ``{"error": {"message", "field", "type
   ``{"model": ..., "input": text | [text, ...]}`` -> vLLM's ``ClassificationResponse``.
 * ``POST /score`` -- crome's own: ``{"prompt": text | messages, "answers": [...]}`` ->
   ``{"rewards": [...], "truncated": n}``, formatted as ``crome score`` formats a pair.
-* ``GET /health`` (never needs the token) and ``GET /metrics`` (Prometheus text format).
+* ``POST /compare`` -- a pairwise preference model's (PairPM, :mod:`crome.pairwise`) verdict
+  on two answers to one prompt, both orders averaged: ``{"prompt": text | messages, "a": ...,
+  "b": ...}`` -> ``{"a": P(a ≻ b), "b": P(b ≻ a), "tie": P(tie), "consistent": bool,
+  "truncated": 0 | 1}`` (the three probabilities sum to 1; ``consistent``: the two orders,
+  read alone, name the same winner). Several pairs under one prompt (as ``/score`` takes
+  several answers): ``{"prompt": ..., "pairs": [{"a": ..., "b": ...}, ...]}`` ->
+  ``{"comparisons": [{"a", "b", "tie", "consistent"}, ...], "truncated": n}``. A pair's
+  answers count as two of ``max_items``; ``truncated`` counts the comparisons cut.
+* ``GET /health`` (never needs the token): ``{"status", "model", "max_length", "pairwise"}``;
+  ``GET /metrics`` (Prometheus text format).
+
+One model, one kind of question. A PairPM gives no reward to one answer: with one loaded,
+``/get_reward``, ``/classify`` and ``/score`` answer 400 ``wrong_model``. A Bradley-Terry RM
+has no tie and no order to average: ``/compare`` answers 400 ``wrong_model`` (its preference
+is ``σ(r_a − r_b)`` of two ``/score`` rewards, which a client computes without a second
+route that would look like a PairPM's verdict).
 
 Dynamic batching: requests wait in one bounded asyncio queue; one collector takes up to
 ``max_batch`` sequences (or what came within ``max_wait_ms``) and scores them in one call of
 :func:`crome.score.score_encoded` on a single worker thread (the model is not thread-safe).
 That scorer gives a sequence the same reward whatever else shares its batch (see
 ``crome/score.py``), so a reward served here equals ``crome score``'s bit for bit
-(``tests/test_serve_rm.py``).
+(``tests/test_serve_rm.py``). ``/compare`` goes through the same queue: a request's job is
+its comparisons in both orders (:func:`crome.pairwise.encode_both_orders`), the collector
+scores them with every other request's, and the route turns the two rows of logits of each
+comparison into its verdict (:func:`crome.pairwise.preferences`), exactly as
+:func:`crome.pairwise.compare_texts` does offline.
 """
 
 from __future__ import annotations
@@ -47,12 +66,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from crome.data.schema import RecordError, validate_messages
+from crome.evaluate.reference import Preference
 from crome.model import Encoded, RewardModel
+from crome.pairwise import encode_both_orders, preferences
 from crome.score import ScoreOptions, ScoreStats, score_encoded
 
 log = logging.getLogger("crome.serve_rm")
 
-ROUTES = ("/get_reward", "/classify", "/score", "/health", "/metrics")
+ROUTES = ("/get_reward", "/classify", "/score", "/compare", "/health", "/metrics")
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 RETRY_AFTER_S = 1
@@ -184,6 +205,7 @@ class Metrics:
         self.latency: dict[str, Histogram] = {}
         self.batch = Histogram(BATCH_BUCKETS)
         self.sequences = 0
+        self.comparisons = 0
         self.truncated = 0
         self.shared_tokens = 0
 
@@ -207,8 +229,11 @@ class Metrics:
                 f"# HELP {p}sequences_total Sequences scored.",
                 f"# TYPE {p}sequences_total counter",
                 f"{p}sequences_total {self.sequences}",
-                f"# HELP {p}shared_prompt_tokens_total Prompt tokens read once for several "
-                "answers (decoder prefix sharing).",
+                f"# HELP {p}comparisons_total Comparisons scored (two sequences each).",
+                f"# TYPE {p}comparisons_total counter",
+                f"{p}comparisons_total {self.comparisons}",
+                (f"# HELP {p}shared_prompt_tokens_total Prompt tokens read once for "
+                 "several answers (decoder prefix sharing)."),
                 f"# TYPE {p}shared_prompt_tokens_total counter",
                 f"{p}shared_prompt_tokens_total {self.shared_tokens}",
                 f"# HELP {p}queue_depth Requests waiting for a batch.",
@@ -246,7 +271,8 @@ async def _disconnected(request: Request) -> bool:
 @dataclass
 class _Job:
     encs: list[Encoded]
-    future: asyncio.Future[list[float]]
+    future: asyncio.Future[list[Any]]  # a reward per sequence, or a PairPM's three logits
+    comparisons: int = 0  # a /compare job: its encs are comparisons, in both orders
 
 
 class Batcher:
@@ -271,11 +297,11 @@ class Batcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def submit(self, encs: list[Encoded]) -> asyncio.Future[list[float]]:
+    def submit(self, encs: list[Encoded], comparisons: int = 0) -> asyncio.Future[list[Any]]:
         if self._closing:
             raise ApiError(503, "the server is shutting down", reason="shutting_down",
                            headers={"Retry-After": str(RETRY_AFTER_S)})
-        job = _Job(encs, asyncio.get_running_loop().create_future())
+        job = _Job(encs, asyncio.get_running_loop().create_future(), comparisons)
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -354,6 +380,7 @@ class Batcher:
             return
         self.metrics.batch.observe(len(encs))
         self.metrics.sequences += len(encs)
+        self.metrics.comparisons += sum(job.comparisons for job in batch)
         self.metrics.shared_tokens += stats.shared_tokens
         i = 0
         for job in batch:
@@ -396,6 +423,40 @@ class ScoreRequest(_Strict):
     truncate: bool = True
 
 
+class ComparePair(_Strict):
+    a: str
+    b: str
+
+
+class CompareRequest(_Strict):
+    """One pair (``a`` and ``b``) or several (``pairs``), under one prompt."""
+
+    prompt: Any  # as ScoreRequest's
+    a: str | None = None
+    b: str | None = None
+    pairs: list[ComparePair] | None = Field(default=None, min_length=1)
+    truncate: bool = True
+
+    def texts(self) -> tuple[list[str], list[str], list[tuple[str, str]]]:
+        """The first and second answers, and the fields that name each pair's two; a
+        request with both forms, or with half a pair, is refused (400)."""
+        if self.pairs is not None:
+            for name in ("a", "b"):
+                if getattr(self, name) is not None:
+                    raise ApiError(400, "send either a and b, or pairs, not both", name)
+            return ([p.a for p in self.pairs], [p.b for p in self.pairs],
+                    [(f"pairs[{i}].a", f"pairs[{i}].b") for i in range(len(self.pairs))])
+        for name in ("a", "b"):
+            if getattr(self, name) is None:
+                raise ApiError(400, "Field required (or send pairs)", name)
+        return [self.a], [self.b], [("a", "b")]  # type: ignore[list-item]
+
+
+def verdict(p: Preference) -> dict[str, Any]:
+    """A comparison as ``/compare`` answers it (``first`` is ``a``, ``second`` is ``b``)."""
+    return {"a": p.first, "b": p.second, "tie": p.tie, "consistent": p.consistent}
+
+
 def _field(loc: Sequence[Any]) -> str | None:
     out = ""
     for part in loc:
@@ -417,6 +478,26 @@ def parse_body(model: type[_Strict], data: Any) -> Any:
         raise ApiError(400, message, _field(e["loc"])) from None
 
 
+def _check_prompt(prompt: Any, options: ServeOptions) -> Any:
+    """A request's prompt, text or chat messages, checked by crome's record schema and
+    against ``max_chars`` (its messages' contents count together)."""
+    try:
+        if isinstance(prompt, list):
+            prompt = validate_messages(prompt, "prompt")
+        elif not isinstance(prompt, str):
+            raise RecordError(f"expected a string or a list of messages, got "
+                              f"{type(prompt).__name__}", field="prompt")
+        elif not prompt.strip():
+            raise RecordError("empty", field="prompt")
+    except RecordError as exc:
+        raise ApiError(400, exc.message, exc.field) from None
+    chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)
+    if chars > options.max_chars:
+        raise ApiError(413, f"{chars:,} characters exceed the limit of "
+                       f"{options.max_chars:,}", "prompt", reason="too_long")
+    return prompt
+
+
 def _check_sizes(texts: Sequence[str], name: str, options: ServeOptions) -> None:
     if len(texts) > options.max_items:
         raise ApiError(413, f"{len(texts)} items exceed the limit of {options.max_items} per "
@@ -427,12 +508,15 @@ def _check_sizes(texts: Sequence[str], name: str, options: ServeOptions) -> None
                            f"{options.max_chars:,}", f"{name}[{i}]", reason="too_long")
 
 
-def _check_truncation(encs: Sequence[Encoded], name: str, truncate: bool,
+def _check_truncation(encs: Sequence[Encoded], name: str | None, truncate: bool,
                       max_length: int) -> int:
+    """How many of ``encs`` were cut; with ``truncate`` off, a 400 naming the first
+    (``name[i]``; ``name`` None: the request holds one item, and no field is named)."""
     cut = [i for i, e in enumerate(encs) if e.prompt_truncated or e.answer_truncated]
     if cut and not truncate:
         raise ApiError(400, f"longer than the model's max_length of {max_length} tokens "
-                       f"(send \"truncate\": true to cut it)", f"{name}[{cut[0]}]",
+                       f"(send \"truncate\": true to cut it)",
+                       f"{name}[{cut[0]}]" if name is not None else None,
                        reason="too_many_tokens")
     return len(cut)
 
@@ -457,6 +541,7 @@ def create_app(rm: RewardModel, options: ServeOptions | None = None,
     config = getattr(rm.model, "config", None)
     label = (getattr(config, "id2label", None) or {}).get(0)
     max_length = rm.formatter.max_length
+    pairwise = rm.pairwise
     encoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="crome-rm-encode")
     state: dict[str, Batcher] = {}
 
@@ -539,11 +624,25 @@ def create_app(rm: RewardModel, options: ServeOptions | None = None,
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise ApiError(400, f"malformed JSON: {exc}", reason="bad_json") from None
 
-    async def rewards(encs: list[Encoded], start: float, request: Request) -> list[float]:
-        """The rewards of a request's sequences, or an error when it times out or its client
-        leaves first; either way its job is cancelled, and the collector skips a cancelled
-        job that is still queued (nobody would read its rewards)."""
-        future = state["batcher"].submit(encs)
+    def require_model(pairwise_model: bool) -> None:
+        """Refuse, before the body is read, a route this kind of model cannot answer."""
+        if pairwise and not pairwise_model:
+            raise ApiError(400, "this server's model is a pairwise preference model: it gives "
+                           "no reward to one answer; compare two with POST /compare",
+                           reason="wrong_model")
+        if pairwise_model and not pairwise:
+            raise ApiError(400, "this server's model is a Bradley-Terry reward model: it "
+                           "scores answers one at a time (POST /score; P(a ≻ b) = "
+                           "σ(r_a − r_b)); /compare needs a pairwise model",
+                           reason="wrong_model")
+
+    async def rewards(encs: list[Encoded], start: float, request: Request,
+                      comparisons: int = 0) -> list[Any]:
+        """The rewards of a request's sequences (a PairPM's: three logits per sequence), or
+        an error when it times out or its client leaves first; either way its job is
+        cancelled, and the collector skips a cancelled job that is still queued (nobody
+        would read its rewards)."""
+        future = state["batcher"].submit(encs, comparisons)
         gone = asyncio.ensure_future(_disconnected(request))
         left = opts.timeout_s - (time.perf_counter() - start)
         try:
@@ -577,6 +676,7 @@ def create_app(rm: RewardModel, options: ServeOptions | None = None,
     @app.post("/get_reward")
     async def get_reward(request: Request) -> JSONResponse:
         start = time.perf_counter()
+        require_model(pairwise_model=False)
         body = parse_body(GetRewardRequest, await read_json(request))
         scores, _, cut = await score_texts_request(body.query, "query", body.truncate, True,
                                                    start, request)
@@ -585,6 +685,7 @@ def create_app(rm: RewardModel, options: ServeOptions | None = None,
     @app.post("/classify")
     async def classify(request: Request) -> JSONResponse:
         start = time.perf_counter()
+        require_model(pairwise_model=False)
         body = parse_body(ClassifyRequest, await read_json(request))
         if (body.activation is not None and body.use_activation is not None
                 and body.activation != body.use_activation):
@@ -615,23 +716,9 @@ def create_app(rm: RewardModel, options: ServeOptions | None = None,
     @app.post("/score")
     async def score(request: Request) -> JSONResponse:
         start = time.perf_counter()
+        require_model(pairwise_model=False)
         body = parse_body(ScoreRequest, await read_json(request))
-        prompt = body.prompt
-        try:
-            if isinstance(prompt, list):
-                prompt = validate_messages(prompt, "prompt")
-            elif not isinstance(prompt, str):
-                raise RecordError(f"expected a string or a list of messages, got "
-                                  f"{type(prompt).__name__}", field="prompt")
-            elif not prompt.strip():
-                raise RecordError("empty", field="prompt")
-        except RecordError as exc:
-            raise ApiError(400, exc.message, exc.field) from None
-        chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"])
-                                                                 for m in prompt)
-        if chars > opts.max_chars:
-            raise ApiError(413, f"{chars:,} characters exceed the limit of "
-                           f"{opts.max_chars:,}", "prompt", reason="too_long")
+        prompt = _check_prompt(body.prompt, opts)
         _check_sizes(body.answers, "answers", opts)
         encs = await encode(rm.formatter.encode_many, [prompt] * len(body.answers),
                             body.answers)
@@ -640,9 +727,40 @@ def create_app(rm: RewardModel, options: ServeOptions | None = None,
         return JSONResponse({"rewards": await rewards(encs, start, request),
                              "truncated": cut})
 
+    @app.post("/compare")
+    async def compare(request: Request) -> JSONResponse:
+        start = time.perf_counter()
+        require_model(pairwise_model=True)
+        body = parse_body(CompareRequest, await read_json(request))
+        prompt = _check_prompt(body.prompt, opts)
+        firsts, seconds, fields = body.texts()
+        n = len(firsts)
+        if 2 * n > opts.max_items:  # two answers a pair, as /score counts answers
+            raise ApiError(413, f"{n} pairs ({2 * n} answers) exceed the limit of "
+                           f"{opts.max_items} answers per request",
+                           "pairs" if body.pairs is not None else None,
+                           reason="too_many_items")
+        for i, (a, b) in enumerate(zip(firsts, seconds)):
+            for text, field in ((a, fields[i][0]), (b, fields[i][1])):
+                if len(text) > opts.max_chars:
+                    raise ApiError(413, f"{len(text):,} characters exceed the limit of "
+                                   f"{opts.max_chars:,}", field, reason="too_long")
+        # (prompt, a, b) of every pair, then (prompt, b, a): compare_texts' layout. An answer
+        # is cut the same in either order, so the first n tell what was cut.
+        encs = await encode(encode_both_orders, rm, [prompt] * n, firsts, seconds)
+        cut = _check_truncation(encs[:n], "pairs" if body.pairs is not None else None,
+                                body.truncate, max_length)
+        metrics.truncated += 2 * cut  # sequences, both orders
+        rows = await rewards(encs, start, request, comparisons=n)
+        verdicts = [verdict(p) for p in preferences(rows[:n], rows[n:])]
+        if body.pairs is None:
+            return JSONResponse({**verdicts[0], "truncated": cut})
+        return JSONResponse({"comparisons": verdicts, "truncated": cut})
+
     @app.get("/health")
     async def health() -> JSONResponse:
-        return JSONResponse({"status": "ok", "model": name, "max_length": max_length})
+        return JSONResponse({"status": "ok", "model": name, "max_length": max_length,
+                             "pairwise": pairwise})
 
     @app.get("/metrics")
     async def metrics_route() -> PlainTextResponse:
@@ -718,7 +836,8 @@ def serve_rm(model_dir: str | os.PathLike[str], options: ServeOptions | None = N
     name = Path(model_dir).resolve().name
     app = create_app(rm, opts, name, token)
     auth = f"bearer token from ${opts.token_env}" if token else "no token (local only)"
-    print(f"crome serve-rm: {name} (max_length {rm.formatter.max_length}) on "
+    kind = ", pairwise: POST /compare" if rm.pairwise else ""
+    print(f"crome serve-rm: {name} (max_length {rm.formatter.max_length}{kind}) on "
           f"http://{opts.host}:{opts.port}; auth: {auth}; max_batch {opts.max_batch}, "
           f"max_wait_ms {opts.max_wait_ms:g}", flush=True)
     uvicorn.Server(_uvicorn_config(app, opts, "info")).run()

@@ -1,7 +1,8 @@
 """``crome.client``: RewardClient and the TRL reward function against the real server
 (uvicorn on 127.0.0.1, a free port, the tiny BERT RM of ``test_serve_rm.py``), and against
 ``httpx.MockTransport`` for the one fault a real server cannot show on cue (a 503 with a
-given ``Retry-After``, then success).
+given ``Retry-After``, then success). ``compare`` runs against a second server that holds a
+tiny pairwise preference model.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 
 from crome.client import (
     ClientOptions,
@@ -23,6 +25,8 @@ from crome.client import (
     group_runs,
     reward_fn,
 )
+from crome.evaluate.reference import Preference
+from crome.pairwise import compare_texts
 from crome.score import score_texts
 from crome.serve_rm import RewardServer, ServeOptions, score_raw_texts
 
@@ -50,7 +54,7 @@ def test_score_equals_the_route_and_offline_scoring(server, offline, helpers):
     records = helpers.varied_pairs(4, seed=7, chat_every=2)
     with RewardClient(server.url) as client, httpx.Client(base_url=server.url) as raw:
         assert client.health() == {"status": "ok", "model": "tiny-rm",
-                                   "max_length": MAX_LENGTH}
+                                   "max_length": MAX_LENGTH, "pairwise": False}
         for r in records:
             answers = [r.chosen, r.rejected, "a third answer"]
             got = client.score(r.prompt, answers)
@@ -258,3 +262,107 @@ def test_trl_grpo_trains_a_step_on_the_servers_rewards(server, offline, tiny_cha
     assert rewards == score_texts(offline, prompts, answers)
     assert score_requests(server.url) - before == 2  # one /score request per prompt's group
     assert trainer.state.global_step == 1
+
+
+# -- a pairwise model: compare ----------------------------------------------------------
+
+PAIR_MAX_LENGTH = 96
+
+
+@pytest.fixture(scope="module")
+def pair_dir(tiny_bert, helpers, tmp_path_factory):
+    """A saved tiny pairwise BERT whose verdicts spread out (as test_serve_rm.py's)."""
+    rm = helpers.perturbed_rm(tiny_bert, seed=0, max_length=PAIR_MAX_LENGTH, pairwise=True)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in rm.model.named_parameters():
+            if "embeddings" not in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return rm.save(tmp_path_factory.mktemp("tiny-pm") / "pm")
+
+
+@pytest.fixture(scope="module")
+def pair_offline(pair_dir):
+    from crome.model import RewardModel
+
+    return RewardModel.load(pair_dir)
+
+
+@pytest.fixture(scope="module")
+def pair_server(pair_dir):
+    from crome.model import RewardModel
+
+    opts = ServeOptions(port=0, max_wait_ms=20, max_items=50, max_chars=5000)
+    with RewardServer(RewardModel.load(pair_dir), opts, name="tiny-pm") as srv:
+        yield srv
+
+
+def test_compare_equals_the_route_and_offline_compare_texts(pair_server, pair_offline, helpers):
+    records = helpers.varied_pairs(4, seed=7, chat_every=2)
+    with RewardClient(pair_server.url) as client, \
+            httpx.Client(base_url=pair_server.url) as raw:
+        assert client.health() == {"status": "ok", "model": "tiny-pm",
+                                   "max_length": PAIR_MAX_LENGTH, "pairwise": True}
+        for r in records:
+            got = client.compare(r.prompt, r.chosen, r.rejected)
+            assert isinstance(got, Preference)
+            route = raw.post("/compare", json={"prompt": r.prompt, "a": r.chosen,
+                                               "b": r.rejected}).json()
+            assert (got.first, got.second, got.tie, got.consistent) == (
+                route["a"], route["b"], route["tie"], route["consistent"])
+            assert [got] == compare_texts(pair_offline, [r.prompt], [r.chosen], [r.rejected])
+        prompt = records[0].prompt
+        pairs = [(r.chosen, r.rejected) for r in records] + [("x", "y")]
+        assert client.compare_many(prompt, pairs) == compare_texts(
+            pair_offline, [prompt] * len(pairs), [a for a, _ in pairs], [b for _, b in pairs])
+
+
+def test_compare_errors_raise_at_once(pair_server, server):
+    calls: list[httpx.Request] = []
+    with RewardClient(pair_server.url) as pm, RewardClient(server.url) as bt:
+        pm._http.event_hooks["request"].append(calls.append)
+        # a PairPM gives no reward to one answer, a BT RM no verdict on two
+        for call in (lambda: pm.score("p", ["a"]), lambda: pm.get_reward(["text"]),
+                     lambda: bt.compare("p", "a", "b"),
+                     lambda: bt.compare_many("p", [("a", "b")])):
+            with pytest.raises(RewardServerError) as info:
+                call()
+            assert (info.value.status, info.value.type) == (400, "wrong_model")
+            assert "HTTP 400" in str(info.value)
+        assert len(calls) == 2  # not retried
+        with pytest.raises(RewardServerError) as info:
+            pm.compare("", "a", "b")
+        assert (info.value.status, info.value.field) == (400, "prompt")
+        with pytest.raises(RewardServerError) as info:
+            pm.compare_many("p", [("a", "b")] * 26)
+        assert (info.value.status, info.value.field, info.value.type) == (
+            413, "pairs", "too_many_items")
+        assert "26 pairs (52 answers) exceed the limit of 50" in info.value.message
+        with pytest.raises(RewardServerError) as info:
+            pm.compare_many("p", [("a", "b"), ("a", "b" * 5001)])
+        assert (info.value.status, info.value.field) == (413, "pairs[1].b")
+    over = " ".join(["word"] * 200)
+    with RewardClient(pair_server.url, ClientOptions(truncate=False)) as strict:
+        with pytest.raises(RewardServerError) as info:
+            strict.compare_many("p", [("a", "b"), (over, "b")])
+        assert (info.value.status, info.value.field, info.value.type) == (
+            400, "pairs[1]", "too_many_tokens")
+        assert strict.compare("p", "a", "b").tie >= 0  # short enough: answered
+
+
+def test_compare_many_checks_the_servers_answer():
+    seen: list[httpx.Request] = []
+    one = {"a": 0.5, "b": 0.25, "tie": 0.25, "consistent": True}
+    responses = [httpx.Response(200, json={"comparisons": [one], "truncated": 0}),
+                 httpx.Response(200, json={"comparisons": [{"a": 0.5}], "truncated": 0}),
+                 httpx.Response(200, json={**one, "truncated": 0})]
+    with RewardClient("http://rm.test", transport=_mock(responses, seen)) as c:
+        with pytest.raises(RewardServerError, match="1 verdicts for 2 pairs"):
+            c.compare_many("p", [("a", "b"), ("c", "d")])
+        with pytest.raises(RewardServerError, match="not a verdict"):
+            c.compare_many("p", [("a", "b")])
+        assert c.compare("p", "a", "b") == Preference(0.5, 0.25, 0.25, True)
+    assert json.loads(seen[0].content) == {"prompt": "p", "pairs": [
+        {"a": "a", "b": "b"}, {"a": "c", "b": "d"}], "truncate": True}
+    assert json.loads(seen[2].content) == {"prompt": "p", "a": "a", "b": "b",
+                                           "truncate": True}

@@ -2,7 +2,8 @@
 
 Most tests share one in-process server; those that need other options (auth, a tiny queue,
 a short timeout) start their own, and one runs the CLI in a subprocess to stop it with
-SIGTERM while a request is in flight.
+SIGTERM while a request is in flight. A second shared server holds a tiny pairwise
+preference model (PairPM) for ``/compare``.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import torch
 
 from crome.model import ModelOptions, RewardModel
+from crome.pairwise import compare_texts
 from crome.score import ScoreOptions, score_texts
 from crome.serve_rm import (
     RewardServer,
@@ -71,7 +74,8 @@ def templated(n: int, helpers) -> list[str]:
 def test_health_needs_nothing_and_names_the_model(client):
     r = client.get("/health")
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "model": "tiny-rm", "max_length": MAX_LENGTH}
+    assert r.json() == {"status": "ok", "model": "tiny-rm", "max_length": MAX_LENGTH,
+                        "pairwise": False}
 
 
 def test_get_reward_scores_templated_text_as_one_sequence(client, offline, helpers):
@@ -463,3 +467,249 @@ def test_a_request_whose_client_left_is_not_scored(served):
         assert r.status_code == 200
         assert metric(client.get("/metrics").text, "crome_rm_sequences_total") == \
             metric(before, "crome_rm_sequences_total") + 1
+
+
+# -- a pairwise model: /compare ---------------------------------------------------------
+
+PAIR_MAX_LENGTH = 96
+
+
+@pytest.fixture(scope="module")
+def pair_dir(tiny_bert, helpers, tmp_path_factory):
+    """A saved tiny pairwise BERT whose verdicts spread out (some orders agree, some not)."""
+    rm = helpers.perturbed_rm(tiny_bert, seed=0, max_length=PAIR_MAX_LENGTH, pairwise=True)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in rm.model.named_parameters():
+            if "embeddings" not in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return rm.save(tmp_path_factory.mktemp("tiny-pm") / "pm")
+
+
+@pytest.fixture(scope="module")
+def pair_offline(pair_dir):
+    return RewardModel.load(pair_dir)
+
+
+@pytest.fixture(scope="module")
+def pair_served(pair_dir):
+    return RewardModel.load(pair_dir)
+
+
+@pytest.fixture(scope="module")
+def pair_server(pair_served):
+    with RewardServer(pair_served, ServeOptions(**OPTS), name="tiny-pm") as srv:
+        yield srv
+
+
+@pytest.fixture()
+def pair_client(pair_server):
+    with httpx.Client(base_url=pair_server.url, timeout=30) as c:
+        yield c
+
+
+def verdicts(prefs) -> list[dict]:
+    return [{"a": p.first, "b": p.second, "tie": p.tie, "consistent": p.consistent}
+            for p in prefs]
+
+
+def test_compare_answers_both_orders_averaged_and_health_says_pairwise(pair_client,
+                                                                       pair_offline):
+    assert pair_client.get("/health").json() == {
+        "status": "ok", "model": "tiny-pm", "max_length": PAIR_MAX_LENGTH, "pairwise": True}
+    prompt = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2+2?"}]
+    r = pair_client.post("/compare", json={"prompt": prompt, "a": "4", "b": "the answer is 5"})
+    assert r.status_code == 200, r.text
+    (want,) = verdicts(compare_texts(pair_offline, [prompt], ["4"], ["the answer is 5"]))
+    assert r.json() == {**want, "truncated": 0}  # floats compared with ==
+    assert sum(r.json()[k] for k in ("a", "b", "tie")) == pytest.approx(1, abs=1e-12)
+    # swapping a and b swaps the two probabilities (both orders are always run)
+    swapped = pair_client.post("/compare", json={"prompt": prompt, "a": "the answer is 5",
+                                                 "b": "4"}).json()
+    assert (swapped["a"], swapped["b"]) == pytest.approx((want["b"], want["a"]), abs=1e-12)
+    # the batch form: several pairs under one prompt, in order
+    pairs = [("4", "the answer is 5"), ("four", "4"), ("", "blue cat")]
+    r = pair_client.post("/compare", json={"prompt": prompt,
+                                           "pairs": [{"a": a, "b": b} for a, b in pairs]})
+    assert r.status_code == 200, r.text
+    assert r.json() == {"comparisons": verdicts(compare_texts(
+        pair_offline, [prompt] * 3, [a for a, _ in pairs], [b for _, b in pairs])),
+        "truncated": 0}
+
+
+def test_compare_equals_compare_texts_bit_for_bit_under_concurrent_requests(
+        pair_server, pair_offline, helpers):
+    records = helpers.varied_pairs(24, seed=21)  # several length buckets, chat prompts too
+    want = verdicts(compare_texts(pair_offline, [r.prompt for r in records],
+                                  [r.chosen for r in records], [r.rejected for r in records],
+                                  ScoreOptions(batch_size=16)))
+    assert len({v["a"] for v in want}) == 24  # a mix-up between requests would show
+    assert {v["consistent"] for v in want} == {True, False}
+
+    def one(i: int) -> dict:
+        rec = records[i]
+        with httpx.Client(base_url=pair_server.url, timeout=30) as c:
+            if i % 2:  # the single form and the batch form, interleaved
+                r = c.post("/compare", json={"prompt": rec.prompt, "a": rec.chosen,
+                                             "b": rec.rejected})
+                assert r.status_code == 200, r.text
+                return {k: v for k, v in r.json().items() if k != "truncated"}
+            r = c.post("/compare", json={"prompt": rec.prompt, "pairs": [
+                {"a": rec.chosen, "b": rec.rejected}]})
+            assert r.status_code == 200, r.text
+            return r.json()["comparisons"][0]
+
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(one, range(len(records))))
+    assert got == want
+
+
+def test_compare_requests_share_the_score_batcher(pair_served, pair_offline):
+    """Four /compare requests (two sequences each, one per order) arrive together and are
+    scored in one scorer call, as /score requests would be."""
+    opts = ServeOptions(port=0, max_batch=8, max_wait_ms=3000)
+    pairs = [("one", "two words"), ("three small words", "one"), ("four words in all", "x"),
+             ("y", "z z")]
+    with RewardServer(pair_served, opts) as srv:
+        t0 = time.monotonic()
+        got = _post_all(srv.url, [{"prompt": "which?", "a": a, "b": b} for a, b in pairs],
+                        route="/compare")
+        assert time.monotonic() - t0 < 2.5  # a full batch does not wait out max_wait_ms
+        assert [{k: v for k, v in r.json().items() if k != "truncated"} for r in got] == \
+            verdicts(compare_texts(pair_offline, ["which?"] * 4, [a for a, _ in pairs],
+                                   [b for _, b in pairs]))
+        text = httpx.get(srv.url + "/metrics").text
+        assert metric(text, "crome_rm_batch_size_count") == 1  # 4 requests, 1 scorer call
+        assert metric(text, "crome_rm_batch_size_sum") == 8
+        assert metric(text, "crome_rm_sequences_total") == 8
+        assert metric(text, "crome_rm_comparisons_total") == 4
+        assert metric(text, "crome_rm_requests_total", route="/compare", status="200") == 4
+        assert metric(text, "crome_rm_request_latency_seconds_count", route="/compare") == 4
+
+
+def test_a_compare_request_past_its_timeout_gets_504(pair_served):
+    opts = ServeOptions(port=0, timeout_s=0.3, max_wait_ms=1500, max_batch=100)
+    with RewardServer(pair_served, opts) as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as c:
+        r = c.post("/compare", json={"prompt": "p", "a": "alone", "b": "waits"})
+        assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
+
+
+def test_each_kind_of_model_refuses_the_other_kinds_routes(client, pair_client):
+    """A PairPM gives no reward to one answer; a BT RM gives no tie: 400 wrong_model, even
+    before the body is read (an empty body gets the same answer)."""
+    before = pair_client.get("/metrics").text
+    for route, body in (("/score", {"prompt": "p", "answers": ["a"]}),
+                        ("/get_reward", {"query": ["User: p\n\nAssistant: a"]}),
+                        ("/classify", {"input": "text"}), ("/score", None)):
+        r = pair_client.post(route, json=body)
+        assert r.status_code == 400, (route, r.text)
+        err = r.json()["error"]
+        assert err["type"] == "wrong_model" and err["field"] is None
+        assert "pairwise preference model" in err["message"] and "/compare" in err["message"]
+    text = pair_client.get("/metrics").text
+    assert metric(text, "crome_rm_errors_total", route="/score", reason="wrong_model") - \
+        metric(before, "crome_rm_errors_total", route="/score", reason="wrong_model") == 2
+    assert metric(text, "crome_rm_sequences_total") == metric(before, "crome_rm_sequences_total")
+    for body in ({"prompt": "p", "a": "x", "b": "y"}, None):
+        r = client.post("/compare", json=body)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["type"] == "wrong_model" and "Bradley-Terry" in err["message"]
+        assert "/score" in err["message"]
+    assert metric(client.get("/metrics").text, "crome_rm_errors_total", route="/compare",
+                  reason="wrong_model") >= 2
+
+
+def test_compare_limits(pair_client, pair_offline):
+    """OPTS: 64 KiB bodies, 50 answers (25 pairs), 5000 characters a text."""
+    big = pair_client.post("/compare", content=b'{"prompt": "p", "a": "' + b"x" * 70_000
+                           + b'", "b": "y"}', headers={"content-type": "application/json"})
+    assert big.status_code == 413 and big.json()["error"]["type"] == "body_too_large"
+    assert "bytes" in big.json()["error"]["message"]
+    many = pair_client.post("/compare", json={"prompt": "p",
+                                              "pairs": [{"a": "x", "b": "y"}] * 26})
+    assert many.status_code == 413
+    assert many.json()["error"] == {
+        "message": "26 pairs (52 answers) exceed the limit of 50 answers per request",
+        "field": "pairs", "type": "too_many_items"}
+    assert pair_client.post("/compare", json={"prompt": "p", "pairs": [
+        {"a": "x", "b": "y"}] * 25}).status_code == 200  # 50 answers: at the limit
+    for body, field in (({"prompt": "p", "a": "y" * 5001, "b": "ok"}, "a"),
+                        ({"prompt": "p", "a": "ok", "b": "y" * 5001}, "b"),
+                        ({"prompt": "p", "pairs": [{"a": "x", "b": "y"},
+                                                   {"a": "x", "b": "y" * 5001}]}, "pairs[1].b"),
+                        ({"prompt": "p" * 5001, "a": "x", "b": "y"}, "prompt")):
+        r = pair_client.post("/compare", json=body)
+        assert r.status_code == 413 and r.json()["error"]["type"] == "too_long", r.text
+        assert r.json()["error"]["field"] == field
+    # past the model's max_length: cut (both orders alike, as offline), or refused on demand
+    before = metric(pair_client.get("/metrics").text, "crome_rm_truncated_inputs_total")
+    over = " ".join(["word"] * 200)
+    strict = pair_client.post("/compare", json={"prompt": "p", "pairs": [
+        {"a": "x", "b": "y"}, {"a": over, "b": "y"}], "truncate": False})
+    assert strict.status_code == 400 and strict.json()["error"]["field"] == "pairs[1]"
+    assert f"max_length of {PAIR_MAX_LENGTH}" in strict.json()["error"]["message"]
+    strict = pair_client.post("/compare", json={"prompt": "p", "a": "x", "b": over,
+                                                "truncate": False})
+    assert strict.status_code == 400
+    assert strict.json()["error"]["type"] == "too_many_tokens"
+    assert strict.json()["error"]["field"] is None  # one pair: the request as a whole
+    cut = pair_client.post("/compare", json={"prompt": "p", "pairs": [
+        {"a": "x", "b": "y"}, {"a": over, "b": "y"}, {"a": "x", "b": over}]})
+    assert cut.status_code == 200 and cut.json()["truncated"] == 2
+    assert cut.json()["comparisons"] == verdicts(compare_texts(
+        pair_offline, ["p"] * 3, ["x", over, "x"], ["y", "y", over]))
+    after = metric(pair_client.get("/metrics").text, "crome_rm_truncated_inputs_total")
+    assert after - before == 4  # sequences: two cut comparisons, each in both orders
+
+
+COMPARE_BAD = [  # (body, field)
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    ({"a": "x", "b": "y"}, "prompt"),
+    ({"prompt": "", "a": "x", "b": "y"}, "prompt"),
+    ({"prompt": 5, "a": "x", "b": "y"}, "prompt"),
+    ({"prompt": [{"role": "bot", "content": "x"}], "a": "x", "b": "y"}, "prompt[0].role"),
+    ({"prompt": "p", "a": "x"}, "b"),
+    ({"prompt": "p"}, "a"),
+    ({"prompt": "p", "a": 3, "b": "y"}, "a"),
+    ({"prompt": "p", "a": "x", "b": "y", "answers": ["z"]}, "answers"),
+    ({"prompt": "p", "a": "x", "pairs": [{"a": "x", "b": "y"}]}, "a"),
+    ({"prompt": "p", "pairs": []}, "pairs"),
+    ({"prompt": "p", "pairs": [["x", "y"]]}, "pairs[0]"),
+    ({"prompt": "p", "pairs": [{"a": "x", "b": "y"}, {"a": "x"}]}, "pairs[1].b"),
+    ({"prompt": "p", "pairs": [{"a": "x", "b": "y", "tie": True}]}, "pairs[0].tie"),
+    ({"prompt": "p", "a": "x", "b": "y", "truncate": "no"}, "truncate"),
+]
+
+
+def test_bad_compare_requests_get_a_json_error_naming_the_field(pair_client, pair_offline):
+    for body, field in COMPARE_BAD:
+        kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+        r = pair_client.post("/compare", **kw)
+        assert r.status_code == 400, (body, r.text)
+        err = r.json()["error"]
+        assert err["field"] == field, (body, err)
+        assert err["message"]
+    assert pair_client.get("/compare").status_code == 405
+    r = pair_client.post("/compare", json={"prompt": "p", "a": "still", "b": "serving"})
+    assert r.status_code == 200
+    assert {k: v for k, v in r.json().items() if k != "truncated"} == \
+        verdicts(compare_texts(pair_offline, ["p"], ["still"], ["serving"]))[0]
+
+
+def test_a_token_guards_compare(pair_served, monkeypatch):
+    token = "pm-s3cret-token-value"
+    monkeypatch.setenv(TOKEN_ENV, token)
+    opts = ServeOptions(port=0, token_env=TOKEN_ENV)
+    with RewardServer(pair_served, opts) as srv, \
+            httpx.Client(base_url=srv.url, timeout=30) as c:
+        assert c.get("/health").json()["pairwise"] is True  # no token needed
+        body = {"prompt": "p", "a": "x", "b": "y"}
+        r = c.post("/compare", json=body)
+        assert r.status_code == 401 and r.json()["error"]["field"] == "Authorization"
+        ok = {"Authorization": f"Bearer {token}"}
+        assert c.post("/compare", json=body, headers=ok).status_code == 200
+        # the token is checked first: no hint of the model's kind without it
+        assert c.post("/score", json={"prompt": "p", "answers": ["a"]}).status_code == 401
