@@ -13,6 +13,24 @@ held-out set (or, without one, over the causal pairs' answers), so RMs whose rew
 different scales compare: a robust RM has large sensitivities and small invariances. Any
 scorer works, including any Hugging Face sequence-classification RM loaded with
 :meth:`crome.model.RewardModel.load`.
+
+A pairwise model (a :class:`crome.evaluate.reference.Comparer`, a PairPM) gives no reward to
+one answer, so the audit reads its verdict on the probe pair itself, both orders averaged
+(``scale`` "win probability" in the report, "reward" for a scorer):
+
+* sensitivity: ``delta = P(rewrite ≻ original) − P(original ≻ rewrite)`` takes the place of
+  ``r(rewrite) − r(original)``, in [−1, 1]; "fell" (``drop_rate``) means the original is
+  the more likely winner, ``delta < 0``: the comparer's own decision between the two
+  answers, whatever mass it puts on a tie (a threshold of 0.5 on ``P(original ≻ rewrite)``
+  would count 0.45 against 0.05, with 0.5 on a tie, as no decision). How often the tie is
+  the most likely outcome is given apart (``tie_rate``), with the share of probes whose two
+  orders agree (``order_consistency``);
+* invariance: the mean absolute change of a rewritten answer's win probability against the
+  other answer of its pair (:mod:`crome.evaluate.perturb`);
+* both in units of the standard deviation of the comparer's clean win probabilities
+  (``P(chosen ≻ rejected)`` and ``P(rejected ≻ chosen)`` of the held-out pairs; without them,
+  those of the probe pairs), the spread of its verdicts, as a reward's std is the spread of
+  a reward; the raw figures (``mean_delta``, ``mean_abs_delta``) are in probability units.
 """
 
 from __future__ import annotations
@@ -29,12 +47,14 @@ from typing import Any
 from crome.data.schema import PairRecord
 from crome.evaluate.perturb import (
     DEFAULT_SUITE,
+    MemoComparer,
     MemoScorer,
     PerturbOptions,
     PerturbReport,
     evaluate_perturbations,
+    memoize,
 )
-from crome.evaluate.reference import Scorer
+from crome.evaluate.reference import Comparer, Scorer
 
 # Invariance uses the neutral perturbations of the default suite: those that leave both
 # answers' content alone (not the one-sided bait).
@@ -87,20 +107,22 @@ def causal_probes(records: Sequence[PairRecord]) -> tuple[list[CausalProbe], Cou
 @dataclass
 class AuditReport:
     scorer: str
-    reward_std: float | None
+    reward_std: float | None  # a comparer: the std of its clean win probabilities
     std_from: str
     sensitivity: list[dict[str, Any]]
     invariance: list[dict[str, Any]]
     skipped: dict[str, int] = field(default_factory=dict)
     sets: list[str] = field(default_factory=list)
+    scale: str = "reward"  # or "win probability" (a comparer)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
 
     def table(self) -> str:
-        lines = [f"{self.scorer}: reward std {self.reward_std:.3g} ({self.std_from})"
-                 if self.reward_std else f"{self.scorer}: reward std undefined",
-                 "| attribute | direction | n | reward fell | mean Δ (std) |",
+        fell = "reward fell" if self.scale == "reward" else "original won"
+        lines = [f"{self.scorer}: {self.scale} std {self.reward_std:.3g} ({self.std_from})"
+                 if self.reward_std else f"{self.scorer}: {self.scale} std undefined",
+                 f"| attribute | direction | n | {fell} | mean Δ (std) |",
                  "|---|---|---:|---:|---:|"]
         for s in self.sensitivity:
             lines.append(f"| {s['attribute']} | {s['direction']} | {s['n']} | "
@@ -128,7 +150,27 @@ def _group(probes: Sequence[CausalProbe], keep: int) -> dict[tuple[str, str], li
     return dict(sorted(groups.items(), key=lambda kv: (-len(kv[1]), kv[0])))
 
 
-def audit(scorer: Scorer, causal: Sequence[PairRecord], neutral_sets: Sequence[Any] = (),
+def probe_deltas(scorer: MemoScorer | MemoComparer, probes: Sequence[CausalProbe],
+                 ) -> tuple[list[float], list[float], list[dict[str, bool]]]:
+    """``delta`` of every probe (``r(rewrite) − r(original)``, or for a comparer
+    ``P(rewrite ≻ original) − P(original ≻ rewrite)``), the values whose spread is the
+    fallback std (the rewards of both answers, or both win probabilities), and for a
+    comparer each probe's ``tie`` (a tie the most likely outcome) and ``consistent`` flags."""
+    prompts = [p.prompt for p in probes]
+    if isinstance(scorer, MemoComparer):
+        prefs = scorer.compare(prompts, [p.original for p in probes],
+                               [p.rewrite for p in probes])
+        flags = [{"tie": v.tie > max(v.first, v.second), "consistent": v.consistent}
+                 for v in prefs]
+        return ([v.second - v.first for v in prefs], [v.first for v in prefs]
+                + [v.second for v in prefs], flags)
+    originals = scorer.score(prompts, [p.original for p in probes])
+    rewrites = scorer.score(prompts, [p.rewrite for p in probes])
+    return [r - o for o, r in zip(originals, rewrites)], originals + rewrites, []
+
+
+def audit(scorer: Scorer | Comparer, causal: Sequence[PairRecord],
+          neutral_sets: Sequence[Any] = (),
           options: AuditOptions | None = None,
           output_dir: str | os.PathLike[str] | None = None,
           perturbed: PerturbReport | None = None) -> AuditReport:
@@ -142,37 +184,44 @@ def audit(scorer: Scorer, causal: Sequence[PairRecord], neutral_sets: Sequence[A
     from crome.evaluate.run import slug
 
     opts = options or AuditOptions()
-    memo = MemoScorer(scorer)
+    memo = memoize(scorer)
+    scale = "win probability" if isinstance(memo, MemoComparer) else "reward"
     probes, skipped = causal_probes(causal)
     if perturbed is None and neutral_sets:
         perturbed = evaluate_perturbations(memo, neutral_sets,
                                            PerturbOptions(opts.perturbations, opts.seed))
+    if perturbed is not None and perturbed.scale != scale:
+        raise ValueError(f"the perturbation report of {perturbed.scorer!r} is on the "
+                         f"{perturbed.scale} scale, {scorer.name!r} on the {scale} one")
     invariance: list[dict[str, Any]] = []
     std, std_from = None, "no answers"
+    what = "answers" if scale == "reward" else "pairs"
     if perturbed is not None:
-        std, std_from = perturbed.reward_std, f"clean answers of {', '.join(perturbed.sets)}"
+        std, std_from = perturbed.reward_std, f"clean {what} of {', '.join(perturbed.sets)}"
         invariance = [{"transformation": t.id, "n": t.n, "not_applicable": t.not_applicable,
                        "mean_abs_delta": t.mean_abs_delta,
                        "mean_abs_delta_std": t.mean_abs_delta_std}
                       for t in perturbed.transformations if not t.bait]
-    prompts = [p.prompt for p in probes]
-    originals = memo.score(prompts, [p.original for p in probes])
-    rewrites = memo.score(prompts, [p.rewrite for p in probes])
+    all_deltas, values, flags = probe_deltas(memo, probes)
     if std is None and len(probes) > 1:
-        std, std_from = statistics.pstdev(originals + rewrites), "answers of the causal pairs"
+        std, std_from = statistics.pstdev(values), f"{what} of the causal pairs"
     sensitivity = []
     for (attribute, direction), idx in _group(probes, opts.max_attributes).items():
-        deltas = [rewrites[i] - originals[i] for i in idx]
+        deltas = [all_deltas[i] for i in idx]
         mean = sum(deltas) / len(deltas)
-        sensitivity.append({
+        entry = {
             "attribute": attribute, "direction": direction, "n": len(idx),
             "drop_rate": sum(d < 0 for d in deltas) / len(deltas),
             "expected_rate": sum((d < 0) if direction == "degrade" else (d > 0)
                                  for d in deltas) / len(deltas),
-            "mean_delta": mean, "mean_delta_std": mean / std if std else None})
+            "mean_delta": mean, "mean_delta_std": mean / std if std else None}
+        if flags:
+            entry["tie_rate"] = sum(flags[i]["tie"] for i in idx) / len(idx)
+            entry["order_consistency"] = sum(flags[i]["consistent"] for i in idx) / len(idx)
+        sensitivity.append(entry)
     report = AuditReport(scorer=scorer.name, reward_std=std, std_from=std_from,
                          sensitivity=sensitivity, invariance=invariance, skipped=dict(skipped),
-                         sets=perturbed.sets if perturbed is not None else [])
+                         sets=perturbed.sets if perturbed is not None else [], scale=scale)
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)

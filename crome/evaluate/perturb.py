@@ -20,6 +20,18 @@ accuracy, accuracy of the same pairs unperturbed, the drop (clean - perturbed, p
 worse), consistency (the fraction of pairs whose ranking did not flip) and the mean absolute
 reward change of the rewritten answers, also in units of the scorer's reward standard
 deviation (the causal audit's invariance).
+
+A pairwise model (a :class:`crome.evaluate.reference.Comparer`) is evaluated the same way on
+its verdicts (``scale`` "win probability" in the report, "reward" for a scorer): a pair's two
+sides are ``P(chosen ≻ rejected)`` and ``P(rejected ≻ chosen)`` (both orders averaged), its
+margin their difference; ``mean_abs_delta`` is the mean absolute change of a rewritten
+answer's win probability against the other answer of its pair (for ``@rejected``,
+``|P(rejected' ≻ chosen) − P(rejected ≻ chosen)|``), and ``reward_std`` the standard
+deviation of the clean win probabilities. ``clean`` also gives the comparer's
+``order_consistency`` (the share of clean pairs whose two orders, read alone, name the same
+winner; not the ``consistency`` of a perturbation, the share of pairs that did not flip).
+Each distinct comparison is run once (:class:`MemoComparer`), as each answer is scored once
+for a scorer.
 """
 
 from __future__ import annotations
@@ -42,7 +54,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from crome.data.schema import PairRecord, Prompt
-from crome.evaluate.reference import Scorer, markdown_features
+from crome.evaluate.reference import (
+    Comparer,
+    Preference,
+    Scorer,
+    compare_pairs,
+    is_comparer,
+    markdown_features,
+    score_pairs,
+)
 
 Target = Literal["prompt", "both", "chosen", "rejected"]
 TARGETS: tuple[Target, ...] = ("prompt", "both", "chosen", "rejected")
@@ -616,6 +636,10 @@ def perturb_records(records: Sequence[PairRecord], perturbation: Perturbation, s
 
 # --------------------------------------------------------------------------- evaluating
 
+def _prompt_key(prompt: Prompt) -> str:
+    return prompt if isinstance(prompt, str) else json.dumps(prompt)
+
+
 class MemoScorer:
     """A scorer that scores each distinct (prompt, answer) once and times itself: a
     perturbation of the rejected answer re-scores only that answer."""
@@ -629,7 +653,7 @@ class MemoScorer:
 
     @staticmethod
     def _key(prompt: Prompt, answer: str) -> tuple[str, str]:
-        return (prompt if isinstance(prompt, str) else json.dumps(prompt), answer)
+        return (_prompt_key(prompt), answer)
 
     def score(self, prompts: Sequence[Prompt], answers: Sequence[str]) -> list[float]:
         keys = [self._key(p, a) for p, a in zip(prompts, answers, strict=True)]
@@ -642,6 +666,44 @@ class MemoScorer:
             self.scored += len(todo)
             self.memo.update(zip(todo, map(float, rewards)))
         return [self.memo[k] for k in keys]
+
+
+class MemoComparer:
+    """A comparer that runs each distinct (prompt, first, second) comparison once and times
+    itself: the comparer's counterpart of :class:`MemoScorer`."""
+
+    def __init__(self, comparer: Comparer) -> None:
+        self.comparer = comparer
+        self.name = comparer.name
+        self.memo: dict[tuple[str, str, str], Preference] = {}
+        self.seconds = 0.0
+        self.compared = 0
+
+    def compare(self, prompts: Sequence[Prompt], firsts: Sequence[str],
+                seconds: Sequence[str]) -> list[Preference]:
+        keys = [(_prompt_key(p), a, b) for p, a, b in zip(prompts, firsts, seconds, strict=True)]
+        todo = {k: (p, a, b) for k, p, a, b in zip(keys, prompts, firsts, seconds)
+                if k not in self.memo}
+        if todo:
+            start = time.perf_counter()
+            prefs = self.comparer.compare(*(list(x) for x in zip(*todo.values())))
+            self.seconds += time.perf_counter() - start
+            if len(prefs) != len(todo):
+                raise ValueError(f"comparer {self.name!r} returned {len(prefs)} verdicts for "
+                                 f"{len(todo)} comparisons")
+            self.compared += len(todo)
+            self.memo.update(zip(todo, prefs))
+        return [self.memo[k] for k in keys]
+
+
+def memoize(scorer: Scorer | Comparer) -> MemoScorer | MemoComparer:
+    """``scorer`` behind its memo (:class:`MemoScorer` or :class:`MemoComparer`), or itself
+    when it is one already."""
+    if isinstance(scorer, (MemoScorer, MemoComparer)):
+        return scorer
+    if is_comparer(scorer):
+        return MemoComparer(scorer)  # type: ignore[arg-type]
+    return MemoScorer(scorer)  # type: ignore[arg-type]
 
 
 @dataclass
@@ -667,7 +729,8 @@ class PerturbationResult:
     clean_accuracy: float | None
     drop: float | None  # clean - perturbed, a fraction; positive = worse
     consistency: float | None  # pairs whose ranking (sign of the margin) did not flip
-    mean_abs_delta: float | None  # mean |reward change| of the rewritten answers
+    # mean |reward change| of the rewritten answers (a comparer: of their win probability)
+    mean_abs_delta: float | None
     mean_abs_delta_std: float | None  # the same in units of the clean rewards' std
     by_set: dict[str, dict[str, Any]]
     # oracle ones: texts whose paraphrase the guards rejected, by reason (a pair with such
@@ -685,17 +748,20 @@ class PerturbReport:
     transformations: list[PerturbationResult]
     seconds: dict[str, float]
     excluded_ties: int = 0
+    scale: str = "reward"  # what a side's value is: "reward", or "win probability"
 
     def to_dict(self) -> dict[str, Any]:
         return {"scorer": self.scorer, "seed": self.seed, "sets": self.sets,
-                "clean": self.clean, "reward_std": self.reward_std,
+                "clean": self.clean, "scale": self.scale, "reward_std": self.reward_std,
                 "excluded_ties": self.excluded_ties, "seconds": self.seconds,
                 "transformations": [vars(t) for t in self.transformations]}
 
     def table(self) -> str:
         """A markdown table: accuracy, drop (points) and consistency per perturbation."""
+        consistent = "" if self.clean.get("order_consistency") is None else \
+            f", consistent in both orders {_pct(self.clean['order_consistency'])}"
         lines = [(f"{self.scorer}: clean accuracy {_pct(self.clean['accuracy'])} on "
-                  f"{self.clean['n']} pairs ({', '.join(self.sets)})"),
+                  f"{self.clean['n']} pairs ({', '.join(self.sets)}){consistent}"),
                  "| perturbation | n | n/a | accuracy | drop (pts) | consistency |",
                  "|---|---:|---:|---:|---:|---:|"]
         for t in self.transformations:
@@ -713,25 +779,30 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _side_rewards(scorer: Scorer, records: Sequence[PairRecord]) -> tuple[list[float],
-                                                                          list[float]]:
+def pair_sides(scorer: Scorer | Comparer, records: Sequence[PairRecord],
+               ) -> tuple[list[float], list[float]]:
+    """The values of the chosen and the rejected side of every pair, whose difference is the
+    pair's margin: rewards for a scorer (both sides in one call), ``P(chosen ≻ rejected)``
+    and ``P(rejected ≻ chosen)`` for a comparer."""
+    if is_comparer(scorer):
+        return score_pairs(scorer, records)
     prompts = [r.prompt for r in records]
-    both = scorer.score(prompts + prompts, [r.chosen for r in records]
+    both = scorer.score(prompts + prompts, [r.chosen for r in records]  # type: ignore[union-attr]
                         + [r.rejected for r in records])
     return both[:len(records)], both[len(records):]
 
 
-def evaluate_perturbations(scorer: Scorer, sets: Sequence[Any],
+def evaluate_perturbations(scorer: Scorer | Comparer, sets: Sequence[Any],
                            options: PerturbOptions | None = None, oracle: Any = None,
                            output_dir: str | os.PathLike[str] | None = None) -> PerturbReport:
-    """Score the clean pairs of ``sets`` (:class:`crome.evaluate.run.EvalSet`) and every
-    perturbation of them; write ``perturb-<scorer>.json`` (and per-pair rows) when
+    """Score (or compare) the clean pairs of ``sets`` (:class:`crome.evaluate.run.EvalSet`)
+    and every perturbation of them; write ``perturb-<scorer>.json`` (and per-pair rows) when
     ``output_dir`` is given."""
     from crome.evaluate.run import slug
 
     opts = options or PerturbOptions()
     perturbations = parse_perturbations(opts.perturbations, with_oracle=oracle is not None)
-    memo = scorer if isinstance(scorer, MemoScorer) else MemoScorer(scorer)
+    memo = memoize(scorer)
     records: list[PairRecord] = []
     set_of: list[str] = []
     excluded = 0
@@ -743,7 +814,7 @@ def evaluate_perturbations(scorer: Scorer, sets: Sequence[Any],
             records.append(r)
             set_of.append(es.name)
     start = time.perf_counter()
-    clean_c, clean_r = _side_rewards(memo, records)
+    clean_c, clean_r = pair_sides(memo, records)
     clean_margin = [c - r for c, r in zip(clean_c, clean_r)]
     rewards = clean_c + clean_r
     std = statistics.pstdev(rewards) if len(rewards) > 1 else None
@@ -761,7 +832,7 @@ def evaluate_perturbations(scorer: Scorer, sets: Sequence[Any],
         t0 = time.perf_counter()
         ps = perturb_records(records, p, opts.seed, paraphrases)
         transform_seconds += time.perf_counter() - t0
-        pc, pr = _side_rewards(memo, ps.records)
+        pc, pr = pair_sides(memo, ps.records)
         deltas: list[float] = []
         flips = correct = clean_correct = 0
         per_set: dict[str, list[int]] = {}
@@ -798,14 +869,21 @@ def evaluate_perturbations(scorer: Scorer, sets: Sequence[Any],
                     for s, c in per_set.items()},
             oracle_rejections=dict(para_reasons) if p.transformation.fn is None else {}))
     total = time.perf_counter() - start
+    clean: dict[str, Any] = {"n": len(records),
+                             "accuracy": _mean([float(m > 0) for m in clean_margin])}
+    seconds: dict[str, float] = {
+        "total": round(total, 3), "scoring": round(memo.seconds, 3),
+        "transformations": round(transform_seconds, 3), "oracle": round(oracle_seconds, 3)}
+    if isinstance(memo, MemoComparer):
+        clean["order_consistency"] = _mean([float(p.consistent)
+                                      for p in compare_pairs(memo, records)])  # memo hits
+        seconds["comparisons_run"] = memo.compared
+    else:
+        seconds["answers_scored"] = memo.scored
     report = PerturbReport(
-        scorer=scorer.name, seed=opts.seed, sets=[es.name for es in sets],
-        clean={"n": len(records),
-               "accuracy": _mean([float(m > 0) for m in clean_margin])},
-        reward_std=std, transformations=results, excluded_ties=excluded,
-        seconds={"total": round(total, 3), "scoring": round(memo.seconds, 3),
-                 "transformations": round(transform_seconds, 3),
-                 "oracle": round(oracle_seconds, 3), "answers_scored": memo.scored})
+        scorer=scorer.name, seed=opts.seed, sets=[es.name for es in sets], clean=clean,
+        reward_std=std, transformations=results, excluded_ties=excluded, seconds=seconds,
+        scale="win probability" if isinstance(memo, MemoComparer) else "reward")
     if output_dir is not None:
         out = Path(output_dir)
         out.mkdir(parents=True, exist_ok=True)
