@@ -25,7 +25,13 @@ from crome.evaluate.metrics import (
     pair_outcomes,
     summarize,
 )
-from crome.evaluate.reference import Comparer, Scorer, compare_pairs, is_comparer, score_pairs
+from crome.evaluate.reference import (
+    Comparer,
+    Scorer,
+    compare_pairs,
+    is_comparer,
+    score_pairs,
+)
 
 # The held-out sets of the quickstart (../shared/data/README.md: never used for training).
 HELD_OUT = ("hh-rlhf/helpful-base", "hh-rlhf/harmless-base", "llmbar", "xstest")
