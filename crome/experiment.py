@@ -43,7 +43,7 @@ from crome.data.io import read_pairs, write_pairs
 from crome.data.schema import PairRecord
 from crome.data.sources import load_source, resolve_data_dir
 from crome.evaluate.audit import AuditOptions, audit, rules_probe_pairs
-from crome.evaluate.bon import BoNOptions, run_bon
+from crome.evaluate.bon import ROUND_ROBIN, BoNOptions, run_bon
 from crome.evaluate.metrics import REWARDBENCH_SECTIONS
 from crome.evaluate.perturb import PerturbOptions, evaluate_perturbations
 from crome.evaluate.reference import REFERENCE_SCORERS, Comparer, Scorer
@@ -708,14 +708,25 @@ def bon_figures(out: Path, arms: Sequence[str], seeds: Sequence[int]) -> list[Fi
     rows = {(a, s): _read_jsonl(out / f"seed-{s}" / "eval" / f"bon-examples-{slug(a)}.jsonl")
             for a in arms for s in seeds}
     ns = sorted({int(n) for r in rows[(arms[0], seeds[0])] for n in r["picks"]})
+    # a pairwise model's headline pick is its knockout; its round-robin pick gets rows of its
+    # own (a BT RM's pick, by reward, is the same in both rows)
+    methods: list[str | None] = [None]
+    if any(is_pairwise_arm(a) for a in arms):
+        methods.append(ROUND_ROBIN)
     figures = []
-    for n in ns:
-        ids, by_model = _aligned(rows, "id", lambda r, n=n: r["picks"].get(str(n)) is not None)
-        if ids:
-            figures.append(Figure(f"GSM8K best-of-{n}: pick correct (n={len(ids)})",
-                                  _stack(arms, seeds, ids, by_model,
-                                         lambda r, n=n: r["picks"][str(n)]["credit"]),
-                                  weights=np.full(len(ids), 1 / len(ids))))
+    for method in methods:
+        for n in ns:
+            def pick(r: dict[str, Any], n: int = n, method: str | None = method) -> Any:
+                picks = r.get("methods", {}).get(method, r["picks"]) if method else r["picks"]
+                return picks.get(str(n))
+
+            ids, by_model = _aligned(rows, "id", lambda r, pick=pick: pick(r) is not None)
+            label = "" if method is None else ", PairPMs by round-robin"
+            if ids:
+                figures.append(Figure(f"GSM8K best-of-{n}{label}: pick correct (n={len(ids)})",
+                                      _stack(arms, seeds, ids, by_model,
+                                             lambda r, pick=pick: pick(r)["credit"]),
+                                      weights=np.full(len(ids), 1 / len(ids))))
     return figures
 
 

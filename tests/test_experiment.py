@@ -38,7 +38,9 @@ def test_each_arm_adds_its_own_share_of_the_augmented_pairs(pools):
     originals, aug = pools
     sizes = {arm: len(arm_data(arm, originals, aug, 0)) - len(originals) for arm in ARMS}
     assert sizes == {"vanilla": 0, "rrm": 30, "causal-only": 4, "neutral-only": 12,
-                     "crome": 16, "crome-nofilter": 26}
+                     "crome": 16, "crome-nofilter": 26, "vanilla-pairpm": 0, "rrm-pairpm": 30,
+                     "crome-pairpm": 16}
+    assert arm_data("crome-pairpm", originals, aug, 0) == arm_data("crome", originals, aug, 0)
     for arm in ARMS:
         assert arm_data(arm, originals, aug, 0)[:10] == originals
 
@@ -123,7 +125,7 @@ def test_quickstart_runs_arms_and_seeds_and_resumes(helpers, tmp_path):
     out = tmp_path / "qs"
     args = ("quickstart", "--out", out, "--max-train", "40", "--max-eval", "4",
             "--augment-pairs", "2", "--neutral-pairs", "12", "--tau", "0.99", "--seeds", "0,1",
-            "--arms", "vanilla,rrm,crome", "--no-rewardbench", "--perturb-eval", "2",
+            "--arms", "vanilla,rrm,crome,crome-pairpm", "--no-rewardbench", "--perturb-eval", "2",
             "--bon-questions", "6", "--audit-probes", "4", "--bootstrap", "200",
             "--no-progress")
     proc = helpers.run_cli(*args, timeout=1800)
@@ -145,16 +147,21 @@ def test_quickstart_runs_arms_and_seeds_and_resumes(helpers, tmp_path):
         assert train["vanilla"][seed]["pairs"] == 40
         assert train["crome"][seed]["pairs"] == 40 + f["kept"]
         assert train["rrm"][seed]["pairs"] == 40 + aug["rrm"]["n_produced"]
+        assert train["crome-pairpm"][seed]["pairs"] == train["crome"][seed]["pairs"]
+    pm = json.loads((out / "models" / "crome-pairpm" / "seed-0" / "crome.json").read_text())
+    assert pm["pairwise"] and pm["max_length"] == 2 * 128
     figures = results["figures"]
     assert any(name.startswith("GSM8K best-of-16") for name in figures)
+    assert any(name.startswith("GSM8K best-of-16, PairPMs by round-robin") for name in figures)
     assert any(name.startswith("perturbations, both sides") for name in figures)
     for fig in figures.values():
-        assert set(fig["arms"]) == {"vanilla", "rrm", "crome"}
+        assert set(fig["arms"]) == {"vanilla", "rrm", "crome", "crome-pairpm"}
         for cell in fig["arms"].values():
             assert len(cell["per_seed"]) == 2
             assert cell["mean"] == pytest.approx(sum(cell["per_seed"]) / 2)
     pairs = {(d["arm"], d["reference"]) for d in results["differences"]}
-    assert pairs == {("crome", "vanilla"), ("crome", "rrm"), ("rrm", "vanilla")}
+    assert pairs == {("crome", "vanilla"), ("crome", "rrm"), ("rrm", "vanilla"),
+                     ("crome-pairpm", "crome")}
     for d in results["differences"]:
         assert d["ci95"][0] <= d["ci95"][1]
         assert d["replicates"] == 200 and d["seeds"] == 2
@@ -166,6 +173,11 @@ def test_quickstart_runs_arms_and_seeds_and_resumes(helpers, tmp_path):
         for name in ("longer-wins", "vanilla", "crome"):
             assert (out / "seed-0" / "eval" / f"{kind}-{name}.json").exists(), (kind, name)
         assert (out / "seed-1" / "eval" / f"{kind}-rrm.json").exists()
+        assert (out / "seed-1" / "eval" / f"{kind}-crome-pairpm.json").exists()
+    bon = json.loads((out / "seed-0" / "eval" / "bon-crome-pairpm.json").read_text())
+    assert bon["call"] == "comparison" and set(bon["methods"]) == {"knockout", "round-robin"}
+    ev = json.loads((out / "seed-0" / "eval" / "results-crome-pairpm.json").read_text())
+    assert all(0 <= v["consistency"] <= 1 for v in ev["sets"].values())
     again = helpers.run_cli(*args, timeout=1800)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "training on" not in again.stdout + again.stderr
@@ -213,3 +225,9 @@ def test_every_arm_trains_the_chosen_backbone_with_lora(tmp_path):
     assert to.model.backbone == "some/decoder" and to.seed == 1 and to.batch_size == 4
     assert (to.model.lora.r, to.model.lora.alpha) == (8, 16)
     assert arm_train_options(tmp_path / "m", 0, preset_options()).model.lora is None
+    pm = arm_train_options(tmp_path / "m", 0, preset_options(max_length=100), pairwise=True)
+    assert pm.model.pairwise and pm.model.max_length == 200
+    pm = arm_train_options(tmp_path / "m", 0, preset_options(pairwise_max_length=96),
+                           pairwise=True)
+    assert pm.model.max_length == 96
+    assert not arm_train_options(tmp_path / "m", 0, preset_options()).model.pairwise
