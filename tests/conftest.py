@@ -257,6 +257,29 @@ def llama_server():
 RM_MAX_LENGTH = 64
 
 
+PAIR_MAX_LENGTH = 96  # the tiny pairwise model's
+
+
+@pytest.fixture(scope="module")
+def pair_dir(tiny_bert, tmp_path_factory):
+    """A saved tiny pairwise BERT whose verdicts spread out (some orders agree, some not)."""
+    rm = perturbed_rm(tiny_bert, seed=0, max_length=PAIR_MAX_LENGTH, pairwise=True)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in rm.model.named_parameters():
+            if "embeddings" not in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    return rm.save(tmp_path_factory.mktemp("tiny-pm") / "pm")
+
+
+@pytest.fixture(scope="module")
+def pair_offline(pair_dir):
+    """The pairwise model loaded as offline comparisons load it."""
+    from crome.model import RewardModel
+
+    return RewardModel.load(pair_dir)
+
+
 @pytest.fixture(scope="module")
 def rm_dir(tiny_bert, tmp_path_factory):
     """A saved tiny BERT RM (``RM_MAX_LENGTH`` tokens) with spread-out rewards, so that a

@@ -264,28 +264,9 @@ def test_trl_grpo_trains_a_step_on_the_servers_rewards(server, offline, tiny_cha
     assert trainer.state.global_step == 1
 
 
-# -- a pairwise model: compare ----------------------------------------------------------
+# -- a pairwise model: compare (pair_dir, pair_offline: conftest.py) ---------------------
 
-PAIR_MAX_LENGTH = 96
-
-
-@pytest.fixture(scope="module")
-def pair_dir(tiny_bert, helpers, tmp_path_factory):
-    """A saved tiny pairwise BERT whose verdicts spread out (as test_serve_rm.py's)."""
-    rm = helpers.perturbed_rm(tiny_bert, seed=0, max_length=PAIR_MAX_LENGTH, pairwise=True)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in rm.model.named_parameters():
-            if "embeddings" not in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return rm.save(tmp_path_factory.mktemp("tiny-pm") / "pm")
-
-
-@pytest.fixture(scope="module")
-def pair_offline(pair_dir):
-    from crome.model import RewardModel
-
-    return RewardModel.load(pair_dir)
+PAIR_MAX_LENGTH = 96  # conftest.py's pair_dir
 
 
 @pytest.fixture(scope="module")

@@ -469,26 +469,9 @@ def test_a_request_whose_client_left_is_not_scored(served):
             metric(before, "crome_rm_sequences_total") + 1
 
 
-# -- a pairwise model: /compare ---------------------------------------------------------
+# -- a pairwise model: /compare (pair_dir, pair_offline: conftest.py) --------------------
 
-PAIR_MAX_LENGTH = 96
-
-
-@pytest.fixture(scope="module")
-def pair_dir(tiny_bert, helpers, tmp_path_factory):
-    """A saved tiny pairwise BERT whose verdicts spread out (some orders agree, some not)."""
-    rm = helpers.perturbed_rm(tiny_bert, seed=0, max_length=PAIR_MAX_LENGTH, pairwise=True)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in rm.model.named_parameters():
-            if "embeddings" not in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-    return rm.save(tmp_path_factory.mktemp("tiny-pm") / "pm")
-
-
-@pytest.fixture(scope="module")
-def pair_offline(pair_dir):
-    return RewardModel.load(pair_dir)
+PAIR_MAX_LENGTH = 96  # conftest.py's pair_dir
 
 
 @pytest.fixture(scope="module")
