@@ -20,7 +20,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-import torch
 
 from crome.model import ModelOptions, RewardModel
 from crome.pairwise import compare_texts
