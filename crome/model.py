@@ -733,7 +733,10 @@ def _auto_model(path: str, pairwise: bool, causal_lm: bool) -> nn.Module:
                                                            output_loading_info=True)
         # an LM head the checkpoint lacks is random: a LoRA adapter (which leaves it out)
         # would not come back with it, and its label rows would read noise
-        model.crome_head_missing = any(k.startswith("lm_head") for k in info["missing_keys"])
+        tied = (model.get_output_embeddings().weight.data_ptr()
+                == model.get_input_embeddings().weight.data_ptr())
+        model.crome_head_missing = not tied and any(
+            k.startswith("lm_head") for k in info["missing_keys"])
         return model
     return AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=len(LABELS) if pairwise else 1, dtype=torch.float32)

@@ -248,3 +248,32 @@ def test_the_cli_trains_scores_and_evaluates_a_pairwise_model(tiny_bert, helpers
     result = json.loads((tmp_path / "ev" / "results.json").read_text())["pm"]
     summary = next(iter(result["sets"].values()))
     assert 0 <= summary["consistency"] <= 1 and summary["n_pairs"] == 16
+
+
+@pytest.mark.slow
+def test_real_qwen_is_a_pairwise_model_with_lora(qwen05_backbone, tmp_path):
+    """Qwen2.5-Coder-0.5B-Instruct (the packaged GGUF, dequantised) as RRM's pair-pm: the
+    verdicts are its own tokens "A", "B", "Same" after its chat template; 2 LoRA steps on
+    real hh-rlhf pairs; the saved adapter reloads bit for bit on the rebuilt base."""
+    import math
+
+    from crome.data.sources import load_source
+
+    rm = RewardModel.create(ModelOptions(backbone=qwen05_backbone, max_length=256,
+                                         pairwise=True))
+    assert [rm.tokenizer.decode([i]) for i in rm.meta.label_ids] == list(LABELS)
+    text = rm.tokenizer.decode(rm.formatter.encode_comparison("2+2?", "4", "5").input_ids)
+    assert text.endswith("[RESPONSE B]\n5<|im_end|>\n<|im_start|>assistant\n")
+    records = load_source("hh-rlhf/helpful-base", limit=6).records
+    model = ModelOptions(backbone=qwen05_backbone, max_length=256, min_prompt_tokens=32,
+                         pairwise=True, lora=LoraOptions(r=4, alpha=8))
+    out = tmp_path / "pm"
+    summary = train(records, TrainOptions(output_dir=str(out), model=model, batch_size=3,
+                                          max_steps=2, lr=1e-3, progress=False))
+    assert summary.steps == 2 and math.isfinite(summary.final_loss)
+    assert (out / "adapter" / "adapter_model.safetensors").stat().st_size < 50e6  # no LM head
+    args = ([r.prompt for r in records], [r.chosen for r in records],
+            [r.rejected for r in records])
+    trained = compare_texts(RewardModel.load(out), *args)
+    assert compare_texts(RewardModel.load(out), *args, ScoreOptions(batch_size=2)) == trained
+    assert compare_texts(RewardModel.create(model), *args) != trained
