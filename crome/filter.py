@@ -7,6 +7,9 @@ answer is better). A pair is kept when ``P < τ``: the baseline gets it wrong or
 the pair teaches the new RM something. Pairs the baseline already ranks confidently carry
 little signal and are dropped (written to ``<output>.dropped.jsonl``, counted per recipe,
 attribute and direction).
+
+A pairwise baseline (``crome.pairwise``) gives its confidence directly: ``P(chosen ≻
+rejected)`` for a preference pair and ``P(tie)`` for a tie, both orders averaged.
 """
 
 from __future__ import annotations
@@ -78,11 +81,23 @@ def filter_pairs(records: Sequence[PairRecord], baseline: RewardModel,
     opts = options or FilterOptions()
     tie_tau = opts.tau if opts.tie_tau is None else opts.tie_tau
     report = FilterReport(tau=opts.tau, tie_tau=tie_tau, baseline=baseline_name)
-    chosen, rejected = score_pairs(baseline, records, ScoreOptions(batch_size=opts.batch_size))
+    score_opts = ScoreOptions(batch_size=opts.batch_size)
+    if baseline.pairwise:  # its own probabilities: P(chosen ≻ rejected), or P(tie) for a tie
+        from crome.pairwise import compare_texts
+
+        prefs = compare_texts(baseline, [r.prompt for r in records],
+                              [r.chosen for r in records], [r.rejected for r in records],
+                              score_opts)
+        chosen, rejected = [p.first for p in prefs], [p.second for p in prefs]
+        confidence = [p.tie if rec.label == "tie" else p.first
+                      for rec, p in zip(records, prefs)]
+    else:
+        chosen, rejected = score_pairs(baseline, records, score_opts)
+        confidence = [label_confidence(rec, c, r)
+                      for rec, c, r in zip(records, chosen, rejected)]
     kept: list[PairRecord] = []
     dropped: list[PairRecord] = []
-    for rec, c, r in zip(records, chosen, rejected):
-        conf = label_confidence(rec, c, r)
+    for rec, c, r, conf in zip(records, chosen, rejected, confidence):
         rec.provenance = {**rec.provenance, "filter": {
             "p_label": round(conf, 4), "margin": round(c - r, 4), "baseline": baseline_name}}
         keep = conf < (tie_tau if rec.label == "tie" else opts.tau)

@@ -81,3 +81,18 @@ def test_cli_filter(tiny_rm, helpers, tmp_path):
     dropped = read_pairs(tmp_path / "kept.jsonl.dropped.jsonl")
     assert len(kept) + len(dropped) == len(recs)
     assert f"kept {len(kept)}, dropped {len(dropped)}" in proc.stdout
+
+
+def test_a_pairwise_baseline_filters_by_its_own_probabilities(pair_offline, helpers):
+    from crome.pairwise import compare_texts
+
+    records = helpers.keyword_pairs(12, seed=3) + helpers.tie_pairs(6, seed=3)
+    prefs = compare_texts(pair_offline, [r.prompt for r in records],
+                          [r.chosen for r in records], [r.rejected for r in records])
+    want = [p.tie if r.label == "tie" else p.first for r, p in zip(records, prefs)]
+    tau = sorted(want)[len(want) // 2]  # about half kept
+    kept, dropped, report = filter_pairs(records, pair_offline, FilterOptions(tau=tau))
+    assert {r.id for r in kept} == {r.id for r, w in zip(records, want) if w < tau}
+    assert 0 < len(kept) < len(records) and len(kept) + len(dropped) == len(records)
+    for r in kept:
+        assert r.provenance["filter"]["p_label"] == round(want[records.index(r)], 4)
