@@ -262,12 +262,20 @@ def bon_cmd(
     seed: int = 0,
     batch_size: int = 64,
     bf16: Bf16Opt = False,
+    selection: Annotated[list[str] | None, typer.Option(
+        help="A pairwise model's pick: knockout, round-robin; repeatable, the first is the "
+             "headline (default both)")] = None,
 ) -> None:
     """Best-of-N on GSM8K test: 4 real solutions plus rule-made wrong and bait variants;
-    accuracy of the scorer's pick vs random and best, with the final-number checker."""
+    accuracy of the scorer's pick vs random and best, with the final-number checker. A
+    pairwise model picks by a knockout tournament and by round-robin (Copeland)."""
     from crome.evaluate.bon import BoNOptions, run_bon
 
-    opts = BoNOptions(ns=tuple(sorted(n)) if n else BoNOptions().ns, seed=seed, limit=limit)
+    try:
+        opts = BoNOptions(ns=tuple(sorted(n)) if n else BoNOptions().ns, seed=seed,
+                          limit=limit, selection=tuple(selection or BoNOptions().selection))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--n / --selection") from None
     for s in _scorers(model, reference, batch_size, bf16):
         report = run_bon(s, opts, data_dir=data_dir, output_dir=output_dir)
         typer.echo(report.summary())
