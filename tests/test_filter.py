@@ -91,7 +91,7 @@ def test_a_pairwise_baseline_filters_by_its_own_probabilities(pair_offline, help
                           [r.chosen for r in records], [r.rejected for r in records])
     want = [p.tie if r.label == "tie" else p.first for r, p in zip(records, prefs)]
     tau = sorted(want)[len(want) // 2]  # about half kept
-    kept, dropped, report = filter_pairs(records, pair_offline, FilterOptions(tau=tau))
+    kept, dropped, _ = filter_pairs(records, pair_offline, FilterOptions(tau=tau))
     assert {r.id for r in kept} == {r.id for r, w in zip(records, want) if w < tau}
     assert 0 < len(kept) < len(records) and len(kept) + len(dropped) == len(records)
     for r in kept:
