@@ -34,6 +34,7 @@ the same reason); it also halves CPU throughput.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -276,19 +277,12 @@ class Formatter:
             out.append(Encoded(ids, types, p_trunc, a_trunc, prompt_tokens))
         return out
 
-    def encode_comparison(self, prompt: Prompt, first: str, second: str) -> Encoded:
-        """A pairwise model's input: the prompt and two answers (``COMPARE_FRAME`` with its
-        ``[RESPONSE A]``/``[RESPONSE B]`` markers). Decoders: the frame is the user turn of
-        the chat template (or is followed by ``\\n\\nAnswer:`` without one), so the next
-        token is the verdict. Encoders: ``[CLS] prompt [RESPONSE A] first [SEP] [RESPONSE B]
-        second [SEP]``, the second answer with token type 1 where the model has types.
-
-        Over ``max_length``, the start of the prompt is cut first (down to
-        ``min_prompt_tokens``), then the answers, fairly: one that fits in half the room
-        left is kept whole and the other gets the rest, else both get half. Each answer is
-        cut the same in either order, so the two orders of a pair read the same text."""
+    @functools.cached_property
+    def _comparison_literals(self) -> list[Any]:
+        """The encoded text around the prompt and the two answers of a comparison (4 pieces;
+        encoders 5, the segment break splitting the third): the same for every comparison,
+        so the chat template is rendered and the pieces tokenised once per formatter."""
         marks = ("\x00crome-prompt\x00", "\x00crome-first\x00", "\x00crome-second\x00")
-        prompt_text = render_plain_prompt(prompt)
         if self.has_prompt_split:
             frame = COMPARE_FRAME.format(prompt=marks[0], first=marks[1], second=marks[2])
             if self.use_template:
@@ -305,8 +299,23 @@ class Formatter:
             literals[2:3] = [head, tail]
         if len(literals) != 4 + (not self.has_prompt_split) or \
                 [m for m in marks if m in text] != list(marks):
-            raise ValueError("the chat template does not keep the comparison's parts in order")
-        lit = [self.backend.encode(t, add_special_tokens=False) for t in literals]
+            raise ValueError("the chat template does not keep the comparison's parts in "
+                             "order")
+        return [self.backend.encode(t, add_special_tokens=False) for t in literals]
+
+    def encode_comparison(self, prompt: Prompt, first: str, second: str) -> Encoded:
+        """A pairwise model's input: the prompt and two answers (``COMPARE_FRAME`` with its
+        ``[RESPONSE A]``/``[RESPONSE B]`` markers). Decoders: the frame is the user turn of
+        the chat template (or is followed by ``\\n\\nAnswer:`` without one), so the next
+        token is the verdict. Encoders: ``[CLS] prompt [RESPONSE A] first [SEP] [RESPONSE B]
+        second [SEP]``, the second answer with token type 1 where the model has types.
+
+        Over ``max_length``, the start of the prompt is cut first (down to
+        ``min_prompt_tokens``), then the answers, fairly: one that fits in half the room
+        left is kept whole and the other gets the rest, else both get half. Each answer is
+        cut the same in either order, so the two orders of a pair read the same text."""
+        lit = self._comparison_literals
+        prompt_text = render_plain_prompt(prompt)
         pe, ae, be = (self.backend.encode(t, add_special_tokens=False)
                       for t in (prompt_text, first, second))
         specials = 0 if self.has_prompt_split else self.pair_specials
