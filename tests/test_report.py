@@ -248,7 +248,7 @@ def test_bad_input_names_the_file_and_field(run_dir, tmp_path):
 def _chromium() -> str:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if binary is None:
-        pytest.fail("chromium is not installed: apt-get install chromium", pytrace=False)
+        pytest.fail("chromium is not installed: apt-get install chromium (scripts/test does)", pytrace=False)
     return binary
 
 

@@ -58,7 +58,7 @@ def test_an_avx2_only_cpu_gets_an_avx2_build():
     """The probe on an emulated Haswell (QEMU user mode: AVX2, no AVX-512, no AMX), the CPU
     class of the AVX2-only EPYC machines, whatever machine runs the tests."""
     qemu = shutil.which("qemu-x86_64")
-    assert qemu, "qemu-x86_64 is needed (Debian: apt-get install qemu-user; .ci/run does)"
+    assert qemu, "qemu-x86_64 is needed (Debian: apt-get install qemu-user; scripts/test does)"
     emulated = probe(runner=[qemu, "-cpu", "Haswell"])
     for name in ("SSE4.2", "AVX", "AVX2", "FMA", "F16C", "BMI2"):
         assert emulated.runs(name), emulated.summary()
@@ -157,7 +157,7 @@ def test_the_avx2_build_runs_on_an_emulated_avx2_cpu(tmp_path):
     from crome.oracle.llamacpp import packaged_model_path
 
     qemu = shutil.which("qemu-x86_64")
-    assert qemu, "qemu-x86_64 is needed (Debian: apt-get install qemu-user; .ci/run does)"
+    assert qemu, "qemu-x86_64 is needed (Debian: apt-get install qemu-user; scripts/test does)"
     cpu = [qemu, "-cpu", "Haswell"]
     info = build_wheel(BuildOptions(), plan(BuildOptions(), probe(runner=cpu)), log=print)
     lib = unpack_libs(info.wheel, tmp_path)
