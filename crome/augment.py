@@ -44,7 +44,14 @@ from crome.oracle.base import (
     oracle_name,
 )
 from crome.rubrics import Attribute, Rubric, neutralise_tags, render_conversation
-from crome.validate import Verdict, validation_requests, verdict_of
+from crome.validate import (
+    JUDGES,
+    Verdict,
+    judge_requests,
+    judge_verdict,
+    validation_requests,
+    verdict_of,
+)
 
 RECIPES = ("causal", "neutral", "rrm")
 DIRECTIONS = ("degrade", "upgrade")
@@ -75,7 +82,9 @@ class AugmentOptions:
     guards: GuardOptions = field(default_factory=GuardOptions)
     # the oracle's check of each rewrite (crome.validate); rules' exact edits skip it
     validate: bool = True
-    reject_other_changes: bool = True
+    judge: str = "logprob"  # "logprob" (both orders' verdict-token log-odds) or "generate"
+    judge_margin: float = 0.5  # logprob: the mean log-odds (nats) a rewrite must reach
+    reject_other_changes: bool = True  # generate: reject a rewrite the judge saw change more
     # neutral and rrm
     max_prompt_similarity: float = 0.2
     neutrals_per_pair: int = 1
@@ -85,6 +94,7 @@ class AugmentOptions:
 class AugmentReport:
     recipe: str
     oracle: str = ""
+    judge: str = ""  # the oracle that validated the rewrites, where it is another one
     parents: int = 0
     tasks: int = 0
     resumed: int = 0  # tasks finished by an earlier run of the same output
@@ -338,12 +348,18 @@ def _derived(task: RewriteTask, rewrite: str, oracle: str, extra: dict[str, Any]
 
 def causal_pairs(records: Sequence[PairRecord], rubrics: dict[str, Rubric], oracle: Oracle,
                  output: str | Path, options: AugmentOptions | None = None,
-                 embedder: Any = None, progress: Progress | None = None) -> AugmentReport:
-    """Stream causal pairs to ``output`` and failed tasks to ``<output>.failures.jsonl``."""
+                 embedder: Any = None, progress: Progress | None = None,
+                 judge: Oracle | None = None) -> AugmentReport:
+    """Stream causal pairs to ``output`` and failed tasks to ``<output>.failures.jsonl``.
+    ``judge`` validates the rewrites where it is given (a second local model or a served
+    one); otherwise the oracle that wrote them does."""
     opts = options or AugmentOptions()
+    if opts.judge not in JUDGES:
+        raise ValueError(f"unknown judge {opts.judge!r}; choose one of {', '.join(JUDGES)}")
     t0 = time.perf_counter()
     name = oracle_name(oracle)
-    report = AugmentReport(recipe="causal", oracle=name, parents=len(records))
+    report = AugmentReport(recipe="causal", oracle=name, parents=len(records),
+                           judge=oracle_name(judge) if judge is not None else "")
     tasks = causal_tasks(records, rubrics, opts, report)
     report.tasks = len(tasks)
     if embedder is None:
@@ -368,7 +384,8 @@ def causal_pairs(records: Sequence[PairRecord], rubrics: dict[str, Rubric], orac
         report.resumed = len(tasks) - len(todo)
         for start in range(0, len(todo), opts.batch_size):
             batch = todo[start:start + opts.batch_size]
-            _run_batch(batch, oracle, name, embedder, opts, report, out, failed)
+            _run_batch(batch, oracle, name, embedder, opts, report, out, failed,
+                       judge or oracle)
             if progress:
                 progress(start + len(batch), len(todo))
     report.seconds = time.perf_counter() - t0
@@ -382,7 +399,7 @@ def failures_path(output: str | Path) -> Path:
 
 def _run_batch(batch: list[RewriteTask], oracle: Oracle, name: str, embedder: Any,
                opts: AugmentOptions, report: AugmentReport, out: ResumableJsonl,
-               failed: ResumableJsonl) -> None:
+               failed: ResumableJsonl, judge: Oracle) -> None:
     reasons: dict[str, list[str]] = {t.id: [] for t in batch}
     judged: dict[str, list[dict[str, Any]]] = {t.id: [] for t in batch}  # rejected by validation
     final: set[str] = set()  # the oracle said no sample will do: no retry
@@ -429,7 +446,7 @@ def _run_batch(batch: list[RewriteTask], oracle: Oracle, name: str, embedder: An
                 still.append(task)
                 continue
             guarded.append(task)
-        verdicts = _validate(guarded, texts, oracle, opts, report) \
+        verdicts = _validate(guarded, texts, judge, opts, report) \
             if opts.validate and not exact else {}
         for task in guarded:
             verdict = verdicts.get(task.id)
@@ -457,19 +474,25 @@ def _run_batch(batch: list[RewriteTask], oracle: Oracle, name: str, embedder: An
         report.failed[f"{task.key}: {last}"] += 1
 
 
-def _validate(tasks: list[RewriteTask], texts: dict[str, str], oracle: Oracle,
+def _validate(tasks: list[RewriteTask], texts: dict[str, str], judge: Oracle,
               opts: AugmentOptions, report: AugmentReport) -> dict[str, Verdict]:
-    """The oracle's verdict on each guarded rewrite (two cached requests each, one batch). A
+    """The judge's verdict on each guarded rewrite (two cached requests each, one batch). A
     failed request is a transient ``oracle_error``: the task is tried again by a later run."""
     if not tasks:
         return {}
-    requests = [r for t in tasks for r in validation_requests(
-        t.parent.prompt, t.source_answer, texts[t.id], t.attribute, t.direction, opts.seed)]
-    responses = oracle.generate(requests)
+    if opts.judge == "logprob":
+        requests = [r for t in tasks for r in judge_requests(
+            t.parent.prompt, t.source_answer, texts[t.id], t.attribute, t.direction)]
+    else:
+        requests = [r for t in tasks for r in validation_requests(
+            t.parent.prompt, t.source_answer, texts[t.id], t.attribute, t.direction, opts.seed)]
+    responses = judge.generate(requests)
     verdicts: dict[str, Verdict] = {}
     for i, task in enumerate(tasks):
         pair = responses[2 * i:2 * i + 2]
-        verdict = verdict_of(pair, task.direction, opts.reject_other_changes)
+        verdict = judge_verdict(pair, task.direction, opts.judge_margin) \
+            if opts.judge == "logprob" else \
+            verdict_of(pair, task.direction, opts.reject_other_changes)
         if verdict is None:
             for resp in pair:
                 if not resp.ok:
@@ -617,14 +640,14 @@ def write_derived(records: Sequence[PairRecord], output: str | Path,
 def augment(records: Sequence[PairRecord], output: str | Path,
             options: AugmentOptions | None = None, *, oracle: Oracle | None = None,
             rubrics: dict[str, Rubric] | None = None, embedder: Any = None,
-            progress: Progress | None = None) -> AugmentReport:
+            progress: Progress | None = None, judge: Oracle | None = None) -> AugmentReport:
     """Run one recipe over ``records`` and stream its pairs to ``output`` (JSONL)."""
     opts = options or AugmentOptions()
     if opts.recipe == "causal":
         if oracle is None or rubrics is None:
             raise ValueError("the causal recipe needs an oracle and rubrics "
                              "(run `crome rubrics` first)")
-        return causal_pairs(records, rubrics, oracle, output, opts, embedder, progress)
+        return causal_pairs(records, rubrics, oracle, output, opts, embedder, progress, judge)
     t0 = time.perf_counter()
     report = AugmentReport(recipe=opts.recipe)
     if opts.recipe == "neutral":

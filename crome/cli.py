@@ -333,8 +333,10 @@ def report_cmd(
 
 
 OracleOpt = Annotated[str, typer.Option(
-    "--oracle", help="rules | llamacpp[:MODEL.gguf] (default: the packaged 1.5B model) | "
+    "--oracle", help="auto (default: the packaged 1.5B model on the local backend a probe "
+    "measured fastest here; `crome doctor` shows it) | llamacpp[:MODEL.gguf] | "
     "llamaserver[:MODEL.gguf] (the same behind llama.cpp's server: batched, n-gram drafts) | "
+    "hf[:FOLDER] (transformers, batched, bf16 where fast) | rules | "
     "openai:BASE_URL (e.g. openai:http://127.0.0.1:8000/v1)")]
 OracleModelOpt = Annotated[str, typer.Option("--oracle-model",
                            help="openai: model name (default: the server's first)")]
@@ -367,7 +369,7 @@ def rubrics_cmd(
     output: Annotated[Path, typer.Option("--out", "-o", help="Rubrics JSONL (resumable)")],
     data_dir: DataDirOpt = None,
     limit: Annotated[int | None, typer.Option(help="First N pairs of each source")] = None,
-    oracle: OracleOpt = "llamacpp",
+    oracle: OracleOpt = "auto",
     oracle_model: OracleModelOpt = "",
     oracle_key_env: KeyEnvOpt = "OPENAI_API_KEY",
     oracle_concurrency: ConcurrencyOpt = 4,
@@ -400,7 +402,7 @@ def augment_cmd(
     rubrics: Annotated[Path | None, typer.Option(help="From `crome rubrics` (causal)")] = None,
     data_dir: DataDirOpt = None,
     limit: Annotated[int | None, typer.Option(help="First N pairs of each source")] = None,
-    oracle: OracleOpt = "llamacpp",
+    oracle: OracleOpt = "auto",
     oracle_model: OracleModelOpt = "",
     oracle_key_env: KeyEnvOpt = "OPENAI_API_KEY",
     oracle_concurrency: ConcurrencyOpt = 4,
@@ -413,8 +415,18 @@ def augment_cmd(
     validate: Annotated[bool, typer.Option(
         "--validate/--no-validate", help="causal: the oracle checks each rewrite (both "
         "orders; see crome.validate)")] = True,
+    judge: Annotated[str, typer.Option(
+        help="causal: logprob (the verdict tokens' log-odds in both orders, one forward pass "
+        "each) or generate (a written two-line verdict)")] = "logprob",
+    judge_margin: Annotated[float, typer.Option(
+        help="causal, logprob judge: the mean log-odds (nats) a rewrite must reach")] = 0.5,
+    judge_oracle: Annotated[str | None, typer.Option(
+        help="causal: another oracle spec to judge the rewrites (default: --oracle)")] = None,
+    judge_oracle_model: Annotated[str, typer.Option(
+        help="causal: the --judge-oracle server's model name")] = "",
     allow_other_changes: Annotated[bool, typer.Option(
-        help="causal: keep a validated rewrite even if the judge saw other changes")] = False,
+        help="causal, generate judge: keep a validated rewrite even if the judge saw other "
+        "changes")] = False,
     max_similarity: Annotated[float, typer.Option(
         "--max-prompt-similarity", help="neutral/rrm: cosine bound for an unrelated prompt")] = 0.2,
     seed: int = 0,
@@ -425,6 +437,7 @@ def augment_cmd(
     from crome.augment import RECIPES, AugmentOptions, augment
     from crome.progress import progress_callback
     from crome.rubrics import read_rubrics
+    from crome.validate import JUDGES
 
     if recipe not in RECIPES:
         raise typer.BadParameter(f"choose one of {', '.join(RECIPES)}", param_hint="--recipe")
@@ -435,22 +448,30 @@ def augment_cmd(
     opts = AugmentOptions(recipe=recipe, seed=seed, attributes_per_pair=attributes,
                           directions=tuple(direction or ("degrade", "upgrade")),
                           candidates=candidates, batch_size=batch_size, validate=validate,
+                          judge=judge, judge_margin=judge_margin,
                           reject_other_changes=not allow_other_changes,
                           max_prompt_similarity=max_similarity)
-    orc = None
+    if judge not in JUDGES:
+        raise typer.BadParameter(f"choose one of {', '.join(JUDGES)}", param_hint="--judge")
+    orc = judge_orc = None
     rubric_map = None
     if recipe == "causal":
         if rubrics is None:
             raise typer.BadParameter("the causal recipe needs --rubrics (from `crome rubrics`)")
         rubric_map = read_rubrics(rubrics)
         orc = _oracle(oracle, oracle_model, oracle_key_env, oracle_concurrency, cache)
+        if judge_oracle:
+            judge_orc = _oracle(judge_oracle, judge_oracle_model, oracle_key_env,
+                                oracle_concurrency, cache)
     bar, tick = progress_callback(recipe, progress and recipe == "causal")
     try:
-        report = augment(records, output, opts, oracle=orc, rubrics=rubric_map, progress=tick)
+        report = augment(records, output, opts, oracle=orc, rubrics=rubric_map, progress=tick,
+                         judge=judge_orc)
     finally:
         bar.close()
-        if orc is not None:
-            _oracle_stats(orc)
+        for used in (orc, judge_orc):
+            if used is not None:
+                _oracle_stats(used)
     typer.echo(report.summary())
     typer.echo(f"pairs in {output}")
 

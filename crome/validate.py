@@ -15,16 +15,30 @@ the direction says (the original for a degradation, the rewrite for an upgrade) 
 ``reject_other_changes``, when neither answer saw other changes. Every verdict is counted by
 reason; a rejected candidate makes way for the next sample, as a guard rejection does, and a
 task whose candidates all fail goes to the failures file with its reasons.
+
+Two judges ask that question (``AugmentOptions.judge``):
+
+* ``logprob`` (the default): one question per order, "which reply is better in the
+  attribute, A or B?", answered by reading the log-probabilities of the tokens ``A`` and
+  ``B`` as the reply's first token (:attr:`Sampling.choices`): one forward pass per order, no
+  generation, no parsing. Each order gives the log-odds that the rewrite is the better reply.
+  A rewrite passes when both orders point the stated way and their mean log-odds reach
+  ``judge_margin`` nats. The mean cancels a constant position bias (it adds to one order what
+  it takes from the other); a rewrite that the judge can only tell apart by position fails.
+* ``generate``: the older generated two-line answer, which also asks whether anything else
+  changed (``reject_other_changes``); it needs the judge to write, and small ones rarely do it
+  well.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from crome.data.schema import Prompt, prompt_text
-from crome.oracle.base import OracleRequest, OracleResponse, Sampling
+from crome.oracle.base import OracleRequest, OracleResponse, Sampling, choice_logprobs
 from crome.rubrics import Attribute, neutralise_tags, render_conversation
 
 VALIDATE_SYSTEM = (
@@ -56,6 +70,24 @@ other changes: yes or no"""
 _BETTER = re.compile(r"better\s*[:=]\s*\**\s*(a|b|same)\b", re.IGNORECASE)
 _OTHER = re.compile(r"other(?: changes?)?\s*[:=]\s*\**\s*(yes|no)\b", re.IGNORECASE)
 
+JUDGE_TEMPLATE = """\
+<conversation>
+{conversation}
+</conversation>
+
+<reply A>
+{a}
+</reply A>
+
+<reply B>
+{b}
+</reply B>
+
+Which reply is better in {attribute} ({description})? Answer with one letter: A or B."""
+
+JUDGES = ("logprob", "generate")
+LETTERS = ("A", "B")
+
 # Verdict reasons, counted in AugmentReport.validation.
 PASSED = "passed"
 INCONSISTENT = "validation_inconsistent"  # the two orders named different replies
@@ -80,12 +112,18 @@ class Verdict:
 
     reason: str
     answers: tuple[Answer, ...] = ()
+    # the logprob judge: per order (rewrite shown second, first), the log-odds that the
+    # rewrite is the better reply
+    log_odds: tuple[float, ...] = ()
 
     @property
     def passed(self) -> bool:
         return self.reason == PASSED
 
     def to_dict(self) -> dict[str, object]:
+        if self.log_odds:
+            return {"reason": self.reason, "judge": "logprob",
+                    "log_odds": [round(x, 4) for x in self.log_odds]}
         return {"reason": self.reason,
                 "better": [a.better for a in self.answers],  # rewrite shown second, first
                 "other_changes": [a.other_changes for a in self.answers]}
@@ -150,3 +188,69 @@ def verdict_of(responses: Sequence[OracleResponse], direction: str,
     first, second = (parse_answer(r.text or "", rewrite_first)
                      for r, rewrite_first in zip(responses, (False, True)))
     return combine((first, second), direction, reject_other_changes)
+
+
+def judge_requests(prompt: Prompt, original: str, rewrite: str, attribute: Attribute,
+                   direction: str) -> list[OracleRequest]:
+    """The logprob judge's two requests about one rewrite: original as A, then rewrite as A.
+    Each scores the tokens ``A`` and ``B`` as the first token of the judge's reply."""
+    requests = []
+    for rewrite_first in (False, True):
+        a, b = (rewrite, original) if rewrite_first else (original, rewrite)
+        user = JUDGE_TEMPLATE.format(
+            conversation=render_conversation(prompt), a=neutralise_tags(a),
+            b=neutralise_tags(b), attribute=attribute.name,
+            description=attribute.description or attribute.name)
+        requests.append(OracleRequest.make(
+            [{"role": "system", "content": VALIDATE_SYSTEM}, {"role": "user", "content": user}],
+            Sampling(temperature=0.0, max_tokens=1, choices=LETTERS),
+            task={"kind": "judge", "attribute": attribute.name, "direction": direction,
+                  "rewrite_first": rewrite_first, "prompt": prompt_text(prompt)}))
+    return requests
+
+
+def letter_log_odds(response: OracleResponse) -> float | None:
+    """log P(A) − log P(B) of one judge response; ±inf where a served model listed only one
+    of them among its top tokens, ``None`` where it listed neither."""
+    lp = choice_logprobs(response)
+    a, b = lp.get("A"), lp.get("B")
+    if a is None and b is None:
+        return None
+    if a is None or b is None:
+        return math.inf if b is None else -math.inf
+    return a - b
+
+
+def rewrite_log_odds(responses: Sequence[OracleResponse]) -> tuple[float, float] | None:
+    """Per order (rewrite shown second, first), the log-odds that the rewrite is better;
+    ``None`` where a response did not carry both letters' scores."""
+    first, second = (letter_log_odds(r) for r in responses)
+    if first is None or second is None:
+        return None
+    return -first, second  # rewrite is B in the first order, A in the second
+
+
+def judge_verdict(responses: Sequence[OracleResponse], direction: str,
+                  margin: float) -> Verdict | None:
+    """The logprob judge's verdict on one rewrite, or ``None`` when the oracle failed.
+
+    Passed: both orders name the reply that the direction says is better (the rewrite for an
+    upgrade, the original for a degradation), and the mean of their log-odds for it is at
+    least ``margin`` nats."""
+    if not all(r.ok for r in responses):
+        return None
+    try:
+        odds = rewrite_log_odds(responses)
+    except (ValueError, TypeError):
+        return Verdict(UNPARSEABLE)
+    if odds is None:
+        return Verdict(UNPARSEABLE)
+    sign = 1.0 if direction == "upgrade" else -1.0
+    toward = [sign * x for x in odds]
+    if (toward[0] > 0) != (toward[1] > 0):
+        return Verdict(INCONSISTENT, log_odds=odds)
+    if toward[0] <= 0:
+        return Verdict(WRONG_DIRECTION, log_odds=odds)
+    if (toward[0] + toward[1]) / 2 < margin:
+        return Verdict(NOT_MOVED, log_odds=odds)
+    return Verdict(PASSED, log_odds=odds)

@@ -241,7 +241,8 @@ def llama_server():
                     pytrace=False)
     if not Path(path).is_file():
         pytest.fail(f"the packaged GGUF model is missing: {path}", pytrace=False)
-    server = load_servers().LlamaServer(path, n_ctx=4096, n_threads=2)
+    # logprobs: the augmentation tests validate rewrites with the logprob judge
+    server = load_servers().LlamaServer(path, n_ctx=4096, n_threads=2, logprobs=True)
     try:
         server.__enter__()
     except Exception as exc:  # noqa: BLE001

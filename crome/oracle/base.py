@@ -10,6 +10,7 @@ thousands).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -26,10 +27,18 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # Non-empty: nothing is generated; the reply's first token is scored instead and the
+    # response's text is the JSON object {choice: log-probability} (see
+    # :func:`choice_logprobs`). A judge reads its verdict this way in one forward pass.
+    choices: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["stop"] = list(self.stop)
+        if self.choices:
+            d["choices"] = list(self.choices)
+        else:  # cache keys made before the field existed stay valid
+            del d["choices"]
         return d
 
 
@@ -112,6 +121,24 @@ def generate_in_order(one: Callable[[OracleRequest], OracleResponse],
         if on_result:
             on_result(i, out[-1])
     return out
+
+
+def choice_logprobs(response: OracleResponse) -> dict[str, float | None]:
+    """The log-probability of each choice as the reply's first token, from the text of a
+    response to a request with ``Sampling.choices``; ``None`` for a choice that a served model
+    did not list among its top tokens (below all of them)."""
+    data = json.loads(response.text or "")
+    if not isinstance(data, dict):
+        raise ValueError("a choice response is a JSON object of log-probabilities")
+    return {str(k): None if v is None else float(v) for k, v in data.items()}
+
+
+def logsumexp(values: Sequence[float]) -> float | None:
+    """log Σ exp(v) over the values (several spellings of one choice), ``None`` if empty."""
+    if not values:
+        return None
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))
 
 
 def oracle_name(oracle: Oracle) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import threading
 import time
@@ -23,6 +24,7 @@ from crome.oracle.base import (
     OracleResponse,
     ResultCallback,
     generate_in_order,
+    logsumexp,
 )
 from crome.oracle.cache import crome_cache_dir
 from crome.oracle.guard import ensure_native
@@ -123,6 +125,7 @@ class LlamaCppOracle:
         # A llama.cpp built for another CPU kills the process: find out in a child first.
         ensure_native(path)
         self._llm: Any = None
+        self._formatter: Any = None
         self._lock = threading.Lock()
 
     def _load(self) -> Any:
@@ -144,7 +147,77 @@ class LlamaCppOracle:
                               logits_all=draft is not None)
         return self._llm
 
+    def _prompt_tokens(self, llm: Any, req: OracleRequest) -> list[int]:
+        """The request's chat, rendered by the GGUF's own chat template with the assistant's
+        turn opened, as token ids."""
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        if self._formatter is None:
+            meta = llm.metadata
+            template = meta.get("tokenizer.chat_template")
+            if not template:
+                raise ValueError("the GGUF has no chat template to score choices with")
+
+            def token(key: str) -> str:
+                tid = meta.get(key)
+                return llm.detokenize([int(tid)], special=True).decode("utf-8", "replace") \
+                    if tid is not None else ""
+
+            self._formatter = Jinja2ChatFormatter(
+                template=template, eos_token=token("tokenizer.ggml.eos_token_id"),
+                bos_token=token("tokenizer.ggml.bos_token_id"), add_generation_prompt=True)
+        result = self._formatter(messages=req.message_dicts)
+        return llm.tokenize(result.prompt.encode("utf-8"), add_bos=not result.added_special,
+                            special=True)
+
+    def _choice_ids(self, llm: Any, choice: str) -> list[int]:
+        """The tokens that spell ``choice`` alone as a reply's first token (bare, or after a
+        space)."""
+        ids = set()
+        for spelling in (choice, " " + choice):
+            toks = llm.tokenize(spelling.encode("utf-8"), add_bos=False, special=False)
+            if len(toks) == 1:
+                ids.add(toks[0])
+        if not ids:
+            raise ValueError(f"choice {choice!r} is not a single token of this model")
+        return sorted(ids)
+
+    def _score_choices(self, req: OracleRequest) -> OracleResponse:
+        """One forward pass over the prompt; the log-softmax of the next token read at the
+        choices' tokens. The KV cache keeps the longest prefix shared with the last call."""
+        import numpy as np
+
+        t0 = time.perf_counter()
+        try:
+            llm = self._load()
+            tokens = self._prompt_tokens(llm, req)
+            if len(tokens) >= self.options.n_ctx:
+                raise ValueError(f"prompt of {len(tokens)} tokens exceeds n_ctx "
+                                 f"{self.options.n_ctx}")
+            shared = 0
+            for old, new in zip(llm.input_ids[:llm.n_tokens], tokens):
+                if old != new:
+                    break
+                shared += 1
+            shared = min(shared, len(tokens) - 1)  # the last token must be evaluated
+            llm.n_tokens = shared
+            llm.eval(tokens[shared:])
+            logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1),
+                                           shape=(llm.n_vocab(),)).astype(np.float64)
+            top = float(logits.max())
+            log_z = top + float(np.log(np.exp(logits - top).sum()))
+            scores = {c: logsumexp([float(logits[i]) - log_z for i in self._choice_ids(llm, c)])
+                      for c in req.sampling.choices}
+        except (ValueError, RuntimeError) as e:
+            return OracleResponse(text=None, error=f"llamacpp: {e}"[:300],
+                                  seconds=time.perf_counter() - t0)
+        return OracleResponse(text=json.dumps(scores), seconds=time.perf_counter() - t0,
+                              usage={"prompt_tokens": len(tokens),
+                                     "cached_prompt_tokens": shared})
+
     def _one(self, req: OracleRequest) -> OracleResponse:
+        if req.sampling.choices:
+            return self._score_choices(req)
         t0 = time.perf_counter()
         s = req.sampling
         kwargs: dict[str, Any] = {"temperature": s.temperature, "max_tokens": s.max_tokens,

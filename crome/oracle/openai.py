@@ -28,7 +28,7 @@ from typing import Any, Self
 
 import httpx
 
-from crome.oracle.base import OracleRequest, OracleResponse, ResultCallback
+from crome.oracle.base import OracleRequest, OracleResponse, ResultCallback, logsumexp
 
 RETRY_STATUS = frozenset({408, 429})
 
@@ -79,11 +79,31 @@ class _Failure(Exception):
         self.retry_after = retry_after
 
 
-def _parse_completion(body: bytes) -> tuple[str, dict[str, int]]:
+# top log-probabilities asked for with Sampling.choices: the choices' tokens must be among them
+TOP_LOGPROBS = 20
+
+
+def _choice_text(data: Any, choices: Sequence[str]) -> str:
+    """The JSON {choice: log-probability} of a one-token completion's top log-probabilities.
+
+    A choice's log-probability is the log-sum-exp over the listed tokens that spell it, with or
+    without surrounding spaces; ``null`` where none was listed."""
+    try:
+        top = data["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+        listed = [(str(t["token"]).strip(), float(t["logprob"])) for t in top]
+    except (KeyError, IndexError, TypeError, ValueError):
+        raise _Failure("no choices[0].logprobs.content[0].top_logprobs "
+                       "(the server does not return log-probabilities)", retry=False) from None
+    return json.dumps({c: logsumexp([lp for tok, lp in listed if tok == c]) for c in choices})
+
+
+def _parse_completion(body: bytes, choices: Sequence[str] = ()) -> tuple[str, dict[str, int]]:
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError):
         raise _Failure("non-JSON body", retry=True) from None
+    if choices:
+        return _choice_text(data, choices), {}
     try:
         text = data["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
@@ -151,9 +171,13 @@ class OpenAIOracle:
             payload["seed"] = s.seed
         if s.stop:
             payload["stop"] = list(s.stop)
+        if s.choices:
+            payload.update(max_tokens=1, temperature=0.0, logprobs=True,
+                           top_logprobs=TOP_LOGPROBS)
         return payload
 
-    def _attempt(self, payload: dict[str, Any]) -> tuple[str, dict[str, int]]:
+    def _attempt(self, payload: dict[str, Any],
+                 choices: Sequence[str] = ()) -> tuple[str, dict[str, int]]:
         try:
             r = self._client.post(f"{self.base_url}/chat/completions", json=payload,
                                   headers=self.__headers)
@@ -168,7 +192,7 @@ class OpenAIOracle:
             retry = code in RETRY_STATUS or code >= 500
             raise _Failure(f"http {code}", retry=retry,
                            retry_after=retry_after_seconds(r.headers.get("retry-after")))
-        return _parse_completion(r.content)
+        return _parse_completion(r.content, choices)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         o = self.options
@@ -185,7 +209,7 @@ class OpenAIOracle:
         for attempt in range(self.options.max_retries + 1):
             attempts += 1
             try:
-                text, usage = self._attempt(payload)
+                text, usage = self._attempt(payload, request.sampling.choices)
             except _Failure as f:
                 reason = f.reason
                 if not f.retry or attempt == self.options.max_retries:

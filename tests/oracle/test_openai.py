@@ -287,3 +287,20 @@ def test_api_key_never_leaks(llama_server, reference, monkeypatch):
     assert r.text is None and r.error
     for text in texts:
         assert secret not in text and "5e3f9a17" not in text
+
+
+@pytest.mark.slow
+def test_choices_are_read_from_the_servers_top_logprobs(llama_server):
+    from crome.oracle.base import choice_logprobs
+
+    letter = Sampling(max_tokens=1, choices=("A", "B"))
+    req = OracleRequest.make([{"role": "user", "content": "Which letter comes first in the "
+                               "alphabet, A or B? Answer with one letter."}], letter)
+    with FaultProxy(llama_server.base_url) as proxy, oracle(proxy.base_url) as o:
+        [r] = o.generate([req])
+    assert r.ok, r.error
+    body = proxy.bodies[0]
+    assert body["logprobs"] is True and body["top_logprobs"] >= 2 and body["max_tokens"] == 1
+    lp = choice_logprobs(r)
+    assert set(lp) == {"A", "B"} and lp["A"] is not None and lp["A"] <= 0
+    assert lp["B"] is None or lp["A"] > lp["B"]
