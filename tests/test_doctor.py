@@ -12,7 +12,8 @@ import pytest
 from crome.doctor import FAIL, OK, WARN, Check, DoctorOptions, check_data, exit_code
 
 ROWS = ("python", "torch", "transformers", "threads", "bf16 autocast", "cpu",
-        "llama.cpp build", "llama.cpp runs", "oracle model", "backbone", "data folder",
+        "llama.cpp build", "llama.cpp runs", "oracle model", "oracle auto", "backbone",
+        "data folder",
         "data: hh-rlhf/helpful-base", "data: hh-rlhf/helpful-online", "data: llmbar",
         "data: xstest", "data: gsm8k", "data: rewardbench",
         "data: humaneval/HumanEval.jsonl.gz", "chromium", "disk")
