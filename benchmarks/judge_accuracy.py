@@ -30,7 +30,6 @@ two-line verdict too. Reported per set and judge:
 from __future__ import annotations
 
 import argparse
-import platform
 import random
 import re
 import time
@@ -39,6 +38,7 @@ from pathlib import Path
 import _common  # offline env, importable checkout, shared helpers
 
 from crome.data.sources import load_gsm8k, load_source
+from crome.doctor import cpu_name
 from crome.oracle import OracleOptions, make_oracle
 from crome.oracle.rules import change_final_number
 from crome.rubrics import FALLBACK_ATTRIBUTES
@@ -54,16 +54,6 @@ from crome.validate import (
 
 ATTRIBUTE = {a.name: a for a in FALLBACK_ATTRIBUTES}
 SENTENCE = re.compile(r"(?<=[.!?])\s+")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def gsm8k_probes(n: int, data_dir: Path | None) -> list[dict]:

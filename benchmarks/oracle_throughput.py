@@ -1,113 +1,138 @@
-"""``crome augment`` through the ``openai`` backend vs a raw concurrent load generator.
+"""Guarded and validated causal pairs per hour, per local oracle backend, side by side.
 
-Both send the very same chat requests (the causal rewrite requests of N held-out
-helpful-base pairs, first attribute of the fallback rubric, both directions, candidate 0 only)
-to one llama.cpp server started here with the packaged model. Reported: requests/s of each,
-the ratio (target ≥ 0.90), and a second crome run on the filled cache (0 calls expected),
-whose time is reading the cache plus the guards' embeddings.
+Every arm gets the very same requests: the causal rewrite requests of N held-out helpful-base
+pairs with short answers (first fallback attribute, both directions, the greedy candidate, at
+most ``--max-new-tokens`` new tokens). Per arm, in one run on this machine:
 
-    python benchmarks/oracle_throughput.py --pairs 12 --concurrency 2
+* requests/h: the rewrites, timed;
+* guarded pairs/h: rewrites that pass crome's text and similarity guards, per hour of rewriting;
+* validated pairs/h: guarded rewrites that the logprob judge then passes (both orders, the
+  same backend judging), per hour of rewriting plus judging.
+
+Arms (``--arms``): ``llamacpp`` (in process, one request at a time: the baseline),
+``llamaserver`` (llama.cpp's server, ``--slots`` slots), ``hf:B`` (transformers, batches of
+B, dtype auto: bf16 where this CPU's bf16 is fast, else fp32; ``hf-fp32:B``/``hf-bf16:B`` to
+force one). Ratios are against llamacpp. The CPU and the dtype are printed.
+
+    python benchmarks/oracle_throughput.py --pairs 8 --arms llamacpp,hf:8,hf:16
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
+import gc
 import time
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import _common  # offline env, importable checkout, shared helpers
-import httpx
 
 from crome.augment import (
     AugmentOptions,
     AugmentReport,
-    augment,
     causal_tasks,
+    check_rewrite,
+    clean_rewrite,
     rewrite_request,
+    similarity_reason,
 )
 from crome.data.schema import prompt_hash
+from crome.doctor import cpu_name
 from crome.embed import Embedder
-from crome.oracle import OracleOptions, make_oracle
-from crome.oracle.server import LlamaServer
+from crome.oracle import OracleOptions, make_backend
 from crome.rubrics import FALLBACK_ATTRIBUTES, Rubric
+from crome.validate import judge_requests, judge_verdict
 
 
-def raw_load(base_url: str, model: str, bodies: list[dict], concurrency: int) -> float:
-    """Seconds to get every answer with ``concurrency`` requests in flight."""
-    def one(client: httpx.Client, body: dict) -> None:
-        r = client.post(f"{base_url}/chat/completions", json=body, timeout=600)
-        r.raise_for_status()
-        assert isinstance(r.json()["choices"][0]["message"]["content"], str)
-
-    t0 = time.perf_counter()
-    with httpx.Client() as client, ThreadPoolExecutor(concurrency) as pool:
-        list(pool.map(lambda b: one(client, b), bodies))
-    return time.perf_counter() - t0
+def make_arm(arm: str, threads: int, slots: int):  # type: ignore[no-untyped-def]
+    name, _, batch = arm.partition(":")
+    if name == "llamacpp":
+        return make_backend(OracleOptions(spec="llamacpp", threads=threads, cache="off"))
+    if name == "llamaserver":
+        return make_backend(OracleOptions(spec="llamaserver", threads=threads,
+                                          concurrency=slots, server_spec="", cache="off"))
+    if name.startswith("hf"):
+        dtype = name.partition("-")[2] or "auto"
+        return make_backend(OracleOptions(spec="hf", batch_size=int(batch or 16), dtype=dtype,
+                                          threads=threads, cache="off"))
+    raise SystemExit(f"unknown arm {arm!r}")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pairs", type=int, default=12)
-    ap.add_argument("--concurrency", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2, help="server CPU threads")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--pairs", type=int, default=8, help="parent pairs (2 rewrites each)")
+    ap.add_argument("--max-chars", type=int, default=400, help="answers at most this long")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--arms", default="llamacpp,llamaserver,hf:1,hf:8,hf:16,hf:32")
+    ap.add_argument("--slots", type=int, default=4, help="llamaserver: parallel slots")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--margin", type=float, default=0.5, help="the judge's margin (nats)")
     ap.add_argument("--data-dir", default=None)
     ap.add_argument("--out", default="runs/bench/oracle_throughput.json")
     args = ap.parse_args()
 
-    records = _common.short_helpful_pairs(args.pairs, 600, args.data_dir)
+    records = _common.short_helpful_pairs(args.pairs, args.max_chars, args.data_dir)
     rubrics = {prompt_hash(r.prompt): Rubric(prompt_hash(r.prompt), [FALLBACK_ATTRIBUTES[0]],
-                                             "fallback", 0, "bench")
-               for r in records}
-    opts = AugmentOptions(attributes_per_pair=1, candidates=1, batch_size=args.concurrency * 4)
+                                             "fallback", 0, "bench") for r in records}
+    opts = AugmentOptions(attributes_per_pair=1, candidates=1,
+                          max_new_tokens=args.max_new_tokens)
     tasks = causal_tasks(records, rubrics, opts, AugmentReport(recipe="causal"))
-    embedder = Embedder()  # loaded before timing: both sides start warm
+    requests = [rewrite_request(t.parent.prompt, t.source_answer, t.attribute, t.direction, 0,
+                                opts) for t in tasks]
+    embedder = Embedder()
     embedder.encode(["warm up"])
-    work = Path(tempfile.mkdtemp(prefix="crome-oracle-bench-"))
-    with LlamaServer(n_threads=args.threads, alias="qwen") as server:
-        bodies = []
-        for t in tasks:
-            req = rewrite_request(t.parent.prompt, t.source_answer, t.attribute, t.direction, 0,
-                                  opts)
-            s = req.sampling
-            body = {"model": "qwen", "messages": req.message_dicts,
-                    "temperature": s.temperature, "max_tokens": s.max_tokens, "top_p": s.top_p}
-            if s.seed is not None:
-                body["seed"] = s.seed
-            bodies.append(body)
-        raw_load(server.base_url, "qwen", bodies[:1], 1)  # warm the server once
-        print(f"{len(tasks)} rewrite requests, concurrency {args.concurrency}")
-
-        raw_s = raw_load(server.base_url, "qwen", bodies, args.concurrency)
-        print(f"raw load generator: {raw_s:.1f} s, {len(bodies) / raw_s:.3f} req/s")
-
-        def crome_run(tag: str) -> tuple[float, AugmentReport, object]:
-            oracle = make_oracle(OracleOptions(spec=f"openai:{server.base_url}", model="qwen",
-                                               concurrency=args.concurrency,
-                                               cache=str(work / "cache.sqlite3")))
-            out = work / f"causal-{tag}.jsonl"
+    cpu = cpu_name()
+    print(f"{len(requests)} rewrite requests on {cpu}, {args.threads} threads")
+    rows = {}
+    for arm in args.arms.split(","):
+        oracle = make_arm(arm, args.threads, args.slots)
+        try:
+            dtype = getattr(oracle, "dtype", "q4 (llama.cpp)")
+            oracle.generate(requests[:1])  # load and warm up, not timed
             t0 = time.perf_counter()
-            rep = augment(records, out, opts, oracle=oracle, rubrics=rubrics, embedder=embedder)
-            seconds = time.perf_counter() - t0
-            stats = oracle.stats
+            out = oracle.generate(requests)
+            gen_s = time.perf_counter() - t0
+            texts = {t.id: clean_rewrite(r.text) for t, r in zip(tasks, out) if r.ok}
+            guarded = [t for t in tasks if t.id in texts and not check_rewrite(
+                t.source_answer, texts[t.id], t.other_answer, t.parent.prompt, opts.guards)]
+            if guarded:
+                sims = embedder.similarity([t.source_answer for t in guarded],
+                                           [texts[t.id] for t in guarded])
+                guarded = [t for t, s in zip(guarded, sims)
+                           if not similarity_reason(float(s), opts.guards)]
+            judge = [r for t in guarded for r in judge_requests(
+                t.parent.prompt, t.source_answer, texts[t.id], t.attribute, t.direction)]
+            t0 = time.perf_counter()
+            verdicts = oracle.generate(judge)
+            judge_s = time.perf_counter() - t0
+        finally:
             oracle.close()
-            return seconds, rep, stats
-
-        crome_s, rep, stats = crome_run("first")
-        print(f"crome augment: {crome_s:.1f} s, {len(tasks) / crome_s:.3f} req/s "
-              f"({stats.summary()}; {rep.n_produced} pairs, {rep.n_failed} failed)")
-        again_s, _, stats2 = crome_run("second")
-        print(f"crome augment, second run: {again_s:.2f} s ({stats2.summary()})")
-    ratio = raw_s / crome_s
-    print(f"ratio crome / raw throughput: {ratio:.3f} (target ≥ 0.90)")
-    result = {"tasks": len(tasks), "concurrency": args.concurrency, "raw_seconds": raw_s,
-              "crome_seconds": crome_s, "ratio": ratio, "second_run_seconds": again_s,
-              "second_run_calls": stats2.misses, "first_run_calls": stats.misses,
-              "produced": rep.n_produced, "failed": rep.n_failed}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+            del oracle
+            gc.collect()
+        passed = sum(1 for i, t in enumerate(guarded) if (v := judge_verdict(
+            verdicts[2 * i:2 * i + 2], t.direction, args.margin)) is not None and v.passed)
+        tokens = sum(r.usage.get("completion_tokens", 0) for r in out)
+        rows[arm] = {"dtype": dtype, "requests": len(requests),
+                     "failed": sum(not r.ok for r in out), "seconds": gen_s,
+                     "judge_seconds": judge_s, "completion_tokens": tokens,
+                     "requests_per_hour": 3600 * len(requests) / gen_s,
+                     "guarded": len(guarded), "guarded_per_hour": 3600 * len(guarded) / gen_s,
+                     "validated": passed,
+                     "validated_per_hour": 3600 * passed / (gen_s + judge_s)}
+        r = rows[arm]
+        print(f"{arm:12s} {dtype:15s} {r['requests_per_hour']:7.0f} requests/h "
+              f"({tokens / gen_s:5.1f} tok/s)  guarded {r['guarded']:3d} -> "
+              f"{r['guarded_per_hour']:6.0f}/h  validated {passed:3d} -> "
+              f"{r['validated_per_hour']:6.0f}/h  (judging {judge_s:.0f} s)", flush=True)
+    base = rows.get("llamacpp")
+    if base:
+        print("\nratio to llama.cpp serial (same requests, same run):")
+        for arm, r in rows.items():
+            ratio = {k: r[k] / base[k] if base[k] else float("nan")
+                     for k in ("requests_per_hour", "guarded_per_hour", "validated_per_hour")}
+            r["ratio_to_llamacpp"] = ratio
+            print(f"  {arm:12s} requests {ratio['requests_per_hour']:.2f}x  guarded "
+                  f"{ratio['guarded_per_hour']:.2f}x  validated {ratio['validated_per_hour']:.2f}x")
+    _common.write_result({"cpu": cpu, "threads": args.threads, "requests": len(requests),
+                          "max_new_tokens": args.max_new_tokens, "arms": rows}, args.out)
 
 
 if __name__ == "__main__":

@@ -78,7 +78,10 @@ class AugmentOptions:
     candidates: int = 2  # the first greedy, the rest sampled with their own seeds
     temperature: float = 0.7
     max_new_tokens: int = 512
-    batch_size: int = 8  # rewrite tasks sent to the oracle together
+    # rewrite tasks handed to the oracle at once: the backend batches inside (hf: 16 a
+    # step); each finished request is cached at once, so a killed run loses only unfinished
+    # ones, and the output is written and the progress ticks per chunk
+    batch_size: int = 64
     guards: GuardOptions = field(default_factory=GuardOptions)
     # the oracle's check of each rewrite (crome.validate); rules' exact edits skip it
     validate: bool = True

@@ -411,7 +411,8 @@ def augment_cmd(
     direction: Annotated[list[str] | None, typer.Option(
         help="causal: degrade and/or upgrade (default both)")] = None,
     candidates: Annotated[int, typer.Option(help="causal: samples tried per rewrite")] = 2,
-    batch_size: Annotated[int, typer.Option(help="causal: rewrites sent together")] = 8,
+    batch_size: Annotated[int, typer.Option(
+        help="causal: rewrite tasks handed to the oracle at once (it batches inside)")] = 64,
     validate: Annotated[bool, typer.Option(
         "--validate/--no-validate", help="causal: the oracle checks each rewrite (both "
         "orders; see crome.validate)")] = True,

@@ -83,7 +83,9 @@ class RubricOptions:
     retry_temperature: float = 0.7
     max_tokens: int = 384
     seed: int = 0
-    batch_size: int = 8
+    # prompts handed to the oracle at once: the backend batches inside (hf: 16 a step), and
+    # each finished request is cached at once, so a killed run loses only unfinished ones
+    batch_size: int = 64
 
 
 @dataclass
