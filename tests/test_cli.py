@@ -268,3 +268,12 @@ def test_help_exits_0(helpers, tmp_path):
     assert proc.returncode == 0 and "Traceback" not in proc.stderr
     for command in ("sources", "validate", "train", "score", "eval"):
         assert command in proc.stdout
+
+
+def test_an_unknown_judge_is_a_usage_error(helpers, tmp_path):
+    data = tmp_path / "p.jsonl"
+    write_pairs([PairRecord(id="a", prompt="q", chosen="x", rejected="y")], data)
+    proc = helpers.run_cli("augment", "-d", data, "--out", tmp_path / "o.jsonl", "--rubrics",
+                           tmp_path / "r.jsonl", "--judge", "vibes", cwd=tmp_path)
+    assert "Traceback" not in proc.stderr
+    assert "logprob, generate" in proc.stderr and proc.returncode == 2

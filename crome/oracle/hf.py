@@ -8,7 +8,8 @@ of :func:`crome.score.bf16_speed`) each step costs little more for 16 rows than 
 * ``hf`` / ``hf:packaged``: the packaged Qwen2.5-Coder-1.5B-Instruct, dequantised once from
   its GGUF into an fp32 Hugging Face folder in the models folder (about 6 GB, a few minutes);
   ``hf:PATH`` any causal-LM folder with a chat template (no remote code).
-* dtype: bf16 where the probe finds bf16 fast, fp32 elsewhere (``HFOptions.dtype``).
+* dtype: bf16 where the probe finds bf16 fast, fp32 elsewhere (``HFOptions.dtype``); the GPU
+  where torch sees one (``HFOptions.device``).
 * Length-bucketed static batches: the requests are sorted by prompt length and cut into
   batches of ``batch_size`` of equal sampling options, left-padded; a row that finishes
   (end of turn, a stop string) idles until its batch ends. Each request is reported (and
@@ -54,6 +55,7 @@ class HFOptions:
     batch_size: int = 16
     dtype: str = "auto"  # auto (bf16 where the probe finds it fast), bf16, fp32
     threads: int | None = None  # torch threads (None: leave torch's setting)
+    device: str = "auto"  # auto: the GPU where torch sees one, else the CPU
     max_prompt_tokens: int = 3072
 
 
@@ -89,9 +91,11 @@ class HFOracle:
         self.tokenizer.padding_side = "left"
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu")
+                                   if opts.device == "auto" else opts.device)
         self.lm = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch.bfloat16 if self.dtype == "bf16" else torch.float32)
-        self.lm.eval()
+        self.lm.to(self.device).eval()
         self.lm.generation_config.pad_token_id = self.tokenizer.pad_token_id
         self._choice_ids: dict[str, list[int]] = {}
 
@@ -112,7 +116,7 @@ class HFOracle:
         for i, r in enumerate(rows):
             ids[i, width - len(r):] = torch.tensor(r)
             mask[i, width - len(r):] = 1
-        return ids, mask
+        return ids.to(self.device), mask.to(self.device)
 
     def choice_ids(self, choice: str) -> list[int]:
         """The tokens that spell ``choice`` alone as a reply's first token."""
@@ -133,7 +137,7 @@ class HFOracle:
         ids, mask = self._batch(rows)
         with torch.inference_mode():
             logits = self.lm(input_ids=ids, attention_mask=mask).logits[:, -1, :].float()
-        logp = torch.log_softmax(logits, dim=-1)
+        logp = torch.log_softmax(logits, dim=-1).cpu()
         seconds = (time.perf_counter() - t0) / len(reqs)
         out = []
         for i, req in enumerate(reqs):
