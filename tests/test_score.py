@@ -99,7 +99,13 @@ def test_forward_passes_are_padded_to_blocks_only_where_rows_depend_on_each_othe
     got = score_texts(bert_rm, [r.prompt for r in records], [r.chosen for r in records])
     assert sum(rows) == 5 if independent else all(n % BLOCK_ROWS == 0 for n in rows)
     monkeypatch.undo()
-    assert got == score_texts(bert_rm, [r.prompt for r in records], [r.chosen for r in records])
+    again = score_texts(bert_rm, [r.prompt for r in records], [r.chosen for r in records])
+    if independent == crome.score.rows_independent():
+        assert got == again  # the path this machine takes: the same bits
+    else:
+        # the other path than this machine's (on an AVX2-only EPYC a row's bits depend on
+        # the rows beside it): the same rewards up to the last bits
+        assert got == pytest.approx(again, abs=1e-5)
 
 
 def test_the_real_minilm_scores_a_row_alike_in_any_chunk_of_a_batch():
