@@ -86,7 +86,9 @@ class AugmentOptions:
     # the oracle's check of each rewrite (crome.validate); rules' exact edits skip it
     validate: bool = True
     judge: str = "logprob"  # "logprob" (both orders' verdict-token log-odds) or "generate"
-    judge_margin: float = 0.5  # logprob: the mean log-odds (nats) a rewrite must reach
+    # logprob: the mean log-odds (nats) a rewrite must reach beyond both orders agreeing; 0:
+    # the packaged 1.5B judge's log-odds are small (README, "The judge")
+    judge_margin: float = 0.0
     reject_other_changes: bool = True  # generate: reject a rewrite the judge saw change more
     # neutral and rrm
     max_prompt_similarity: float = 0.2

@@ -420,7 +420,8 @@ def augment_cmd(
         help="causal: logprob (the verdict tokens' log-odds in both orders, one forward pass "
         "each) or generate (a written two-line verdict)")] = "logprob",
     judge_margin: Annotated[float, typer.Option(
-        help="causal, logprob judge: the mean log-odds (nats) a rewrite must reach")] = 0.5,
+        help="causal, logprob judge: the mean log-odds (nats) a rewrite must reach, beyond "
+        "both orders naming it")] = 0.0,
     judge_oracle: Annotated[str | None, typer.Option(
         help="causal: another oracle spec to judge the rewrites (default: --oracle)")] = None,
     judge_oracle_model: Annotated[str, typer.Option(

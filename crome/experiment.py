@@ -135,7 +135,8 @@ class ExperimentOptions:
     attributes_per_pair: int = 1
     candidates: int = 2
     # The oracle checks each causal rewrite (crome.validate). Off in the CPU presets: the
-    # packaged 1.5B judge follows the position of the replies, not their content (README).
+    # packaged 1.5B judge leans to reply A and its log-odds are weak; it validated 8-58% of
+    # pairs of known truth (README, "The judge").
     validate: bool = False
     lookup_tokens: int = 10  # llamacpp: prompt-lookup speculative decoding (0 = off)
     neutral_pairs: int = 300
