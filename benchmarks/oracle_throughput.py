@@ -126,11 +126,12 @@ def main() -> None:
     if base:
         print("\nratio to llama.cpp serial (same requests, same run):")
         for arm, r in rows.items():
-            ratio = {k: r[k] / base[k] if base[k] else float("nan")
+            ratio = {k: r[k] / base[k] if base[k] else None  # None: llama.cpp made none
                      for k in ("requests_per_hour", "guarded_per_hour", "validated_per_hour")}
             r["ratio_to_llamacpp"] = ratio
-            print(f"  {arm:12s} requests {ratio['requests_per_hour']:.2f}x  guarded "
-                  f"{ratio['guarded_per_hour']:.2f}x  validated {ratio['validated_per_hour']:.2f}x")
+            print(f"  {arm:12s} " + "  ".join(
+                f"{k.split('_')[0]} " + (f"{v:.2f}x" if v is not None else "n/a (0 at baseline)")
+                for k, v in ratio.items()))
     _common.write_result({"cpu": cpu, "threads": args.threads, "requests": len(requests),
                           "max_new_tokens": args.max_new_tokens, "arms": rows}, args.out)
 
