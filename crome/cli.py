@@ -672,7 +672,7 @@ def experiment_cmd(
     lr: float | None = None,
     tie_weight: Annotated[float | None, typer.Option(help="λ of the tie loss")] = None,
     oracle: Annotated[str | None, typer.Option(
-        help="llamacpp[:GGUF], openai:URL, rules (default llamacpp)")] = None,
+        help="auto, llamacpp[:GGUF], hf[:FOLDER], openai:URL, rules (default auto)")] = None,
     oracle_model: Annotated[str | None, typer.Option("--oracle-model")] = None,
     cache: Annotated[str | None, typer.Option(help="Oracle cache (SQLite)")] = None,
     augment_pairs: Annotated[int | None, typer.Option(help="Pairs given causal rewrites")] = None,

@@ -142,6 +142,7 @@ def choose(threads: int | None = None, refresh: bool = False,
     ratio = bf16_speed().ratio
     figures: dict[str, float] = {}
     notes: list[str] = []
+    llama_error: Exception | None = None
     say("oracle auto: probing llama.cpp")
     try:
         from crome.oracle.llamacpp import LlamaCppOptions, LlamaCppOracle
@@ -153,6 +154,7 @@ def choose(threads: int | None = None, refresh: bool = False,
         finally:
             llama.close()
     except Exception as exc:  # noqa: BLE001 -- not built, a crash in the guard: not a pick
+        llama_error = exc
         notes.append(f"llama.cpp unavailable: {str(exc).splitlines()[0][:120]}")
     from crome.score import BF16_NATIVE_MAX_RATIO
 
@@ -172,8 +174,10 @@ def choose(threads: int | None = None, refresh: bool = False,
     else:
         notes.append(f"bf16 emulated (a bf16 matmul takes {ratio:.1f}x fp32): transformers "
                      f"not probed")
+    if not figures and llama_error is not None and ratio > BF16_NATIVE_MAX_RATIO:
+        raise llama_error  # the only candidate: its own error (e.g. the crash guard's line)
     if not figures:
-        raise RuntimeError("--oracle auto: no local backend runs here ("
+        raise OSError("--oracle auto: no local backend runs here ("
                            + "; ".join(notes) + "); pass --oracle openai:BASE_URL")
     spec = max(figures, key=figures.__getitem__)
     reason = "; ".join([f"fastest of {len(figures)} probed"] + notes) if len(figures) > 1 \

@@ -111,13 +111,13 @@ def pair_file(tmp_path_factory) -> Path:
 
 
 COMMANDS = {
-    "rubrics": ["rubrics", "-d", "{pairs}", "--out", "rubrics.jsonl"],
+    "rubrics": ["rubrics", "-d", "{pairs}", "--out", "rubrics.jsonl", "--oracle", "llamacpp"],
     "augment": ["augment", "-d", "{pairs}", "--recipe", "causal", "--rubrics",
-                "rubrics.jsonl", "--out", "causal.jsonl"],
+                "rubrics.jsonl", "--out", "causal.jsonl", "--oracle", "llamacpp"],
     "eval-paraphrase": ["eval", "-d", "{pairs}", "--reference", "longer-wins", "--perturb",
                         "paraphrase@both", "--oracle", "llamacpp", "--out", "eval"],
     "serve": ["serve", "--port", "0"],
-    "quickstart": ["quickstart", "--out", "qs", "--no-progress"],
+    "quickstart": ["quickstart", "--out", "qs", "--no-progress", "--oracle", "llamacpp"],
 }
 
 
@@ -137,3 +137,23 @@ def test_every_local_oracle_command_fails_in_one_line(command, sigill_lib, pair_
                               "crashed with SIGILL"), err
     assert err[-1].endswith("crome build-llama --force")
     assert sum(line.startswith("crome: error") for line in err) == 1
+
+
+def test_auto_with_only_a_crashing_llama_cpp_raises_its_error(sigill_lib, tmp_path,
+                                                              monkeypatch):
+    """--oracle auto where transformers is not a candidate (bf16 emulated: stood in for, since
+    a CPU's bf16 speed cannot be changed) and llama.cpp crashes: the guard's one-line error,
+    not a pick."""
+    import crome.score
+    from crome.oracle.auto import cached_choice, choose
+    from crome.oracle.guard import NativeLibraryError
+    from crome.oracle.llamacpp import models_dir
+
+    monkeypatch.setenv("CROME_MODELS", str(models_dir()))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setenv("LLAMA_CPP_LIB_PATH", str(sigill_lib))
+    monkeypatch.setattr(crome.score, "bf16_speed",
+                        lambda: crome.score.Bf16Speed(fp32_seconds=1.0, bf16_seconds=20.0))
+    with pytest.raises(NativeLibraryError, match="SIGILL"):
+        choose()
+    assert cached_choice() is None  # nothing kept: the next run probes again

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from crome.oracle import OracleOptions, OracleRequest, Sampling, make_oracle
@@ -103,7 +105,10 @@ def test_choices_are_scored_as_the_replys_first_token(oracle):
     assert choice_logprobs(oracle.generate([other])[0])["B"] > \
         choice_logprobs(oracle.generate([other])[0])["A"]
     again = choice_logprobs(oracle.generate([req])[0])
-    assert again == pytest.approx(lp, abs=0.05)
+    # the reused prefix is evaluated in other batch splits: the same probabilities up to
+    # Q4 arithmetic (0.0073 vs 0.0079 seen for an unlikely letter)
+    assert {c: math.exp(v) for c, v in again.items()} == \
+        pytest.approx({c: math.exp(v) for c, v in lp.items()}, abs=0.01)
 
 
 def test_a_choice_that_is_not_one_token_is_one_failed_request(oracle):
