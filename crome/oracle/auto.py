@@ -139,7 +139,8 @@ def choose(threads: int | None = None, refresh: bool = False,
     if not refresh and (found := cached_choice(key)) is not None:
         return found
     say = progress or (lambda _msg: None)
-    ratio = bf16_speed().ratio
+    speed = bf16_speed()
+    ratio = speed.ratio
     figures: dict[str, float] = {}
     notes: list[str] = []
     llama_error: Exception | None = None
@@ -156,9 +157,7 @@ def choose(threads: int | None = None, refresh: bool = False,
     except Exception as exc:  # noqa: BLE001 -- not built, a crash in the guard: not a pick
         llama_error = exc
         notes.append(f"llama.cpp unavailable: {str(exc).splitlines()[0][:120]}")
-    from crome.score import BF16_NATIVE_MAX_RATIO
-
-    if ratio <= BF16_NATIVE_MAX_RATIO:
+    if speed.native:
         say("oracle auto: probing transformers (bf16, batched)")
         try:
             from crome.oracle.hf import HFOptions, HFOracle
@@ -174,7 +173,7 @@ def choose(threads: int | None = None, refresh: bool = False,
     else:
         notes.append(f"bf16 emulated (a bf16 matmul takes {ratio:.1f}x fp32): transformers "
                      f"not probed")
-    if not figures and llama_error is not None and ratio > BF16_NATIVE_MAX_RATIO:
+    if not figures and llama_error is not None and not speed.native:
         raise llama_error  # the only candidate: its own error (e.g. the crash guard's line)
     if not figures:
         raise OSError("--oracle auto: no local backend runs here ("
