@@ -11,6 +11,11 @@ rather than content: hh-rlhf turns lose the blank around the ``Human:``/``Assist
 markers, and XSTest completions lose the leading space that Llama-2's tokenizer put in front of
 every answer (a give-away of which model wrote which side). LLMBar answers are kept verbatim
 because some are code whose first line's indentation matters.
+
+Two sources are training data rather than benchmarks: UltraFeedback, binarized as in TRL
+(``ultrafeedback/train`` and its held-out twin ``ultrafeedback/eval``), and the ranked
+sibling replies of OpenAssistant's oasst1 (``oasst1``), whose prompts are the conversation
+from the root of the message tree down to the replies' parent. Both keep text verbatim.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import csv
 import gzip
 import itertools
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -43,7 +49,12 @@ DATA_LAYOUT = """\
   gsm8k/*.jsonl                    train, test and example_model_solutions
                                    (openai/grade-school-math)
   rewardbench/filtered.jsonl.gz    RewardBench's filtered set (only for the source
-                                   `rewardbench`)"""
+                                   `rewardbench`)
+  ultrafeedback/{train,eval}.jsonl.gz
+                                   UltraFeedback binarized as trl-lib/ultrafeedback_binarized
+                                   (only for the sources `ultrafeedback/train`, `/eval`)
+  oasst1/en-validation.jsonl.gz    OpenAssistant oasst1 messages, one a line (only for the
+                                   source `oasst1`)"""
 
 HH_SUBSETS: tuple[str, ...] = (
     "helpful-base",
@@ -68,6 +79,8 @@ LLMBAR_ADVERSARIAL: tuple[str, ...] = (
     "llmbar-adver-GPTOut",
     "llmbar-adver-manual",
 )
+ULTRAFEEDBACK_SPLITS: tuple[str, ...] = ("train", "eval")
+OASST1_FILE = "en-validation.jsonl.gz"
 XSTEST_SUBSETS: dict[str, str] = {"safe": "xstest-should-respond",
                                   "unsafe": "xstest-should-refuse"}
 _COMPLIANCE, _REFUSAL = "1_full_compliance", "2_full_refusal"
@@ -462,6 +475,200 @@ def _load_rewardbench_source(data_dir: Path | None = None,
     return load_rewardbench(path, limit, name="rewardbench")
 
 
+# --------------------------------------------------------------------------- UltraFeedback
+
+ULTRAFEEDBACK_EQUAL = "equal GPT-4 scores kept as a preference (as TRL's binarized set)"
+
+
+def _score(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+_BAD_JSON = object()
+_UNPARSEABLE = "unparseable JSON line"
+_NOT_OBJECT = "line is not a JSON object"
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
+    """``(0-based line index, decoded value)`` per non-blank line of a gzipped JSONL file; a
+    line that is not JSON gives :data:`_BAD_JSON` (distinct from any value JSON can hold)."""
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        for index, line in enumerate(fh):
+            if not line.strip():
+                continue
+            try:
+                yield index, json.loads(line)
+            except ValueError:
+                yield index, _BAD_JSON
+
+
+def _ultrafeedback_rows(path: Path, split: str) -> Iterator[dict[str, Any] | str]:
+    for index, obj in _json_lines(path):
+        if obj is _BAD_JSON:
+            yield _UNPARSEABLE
+            continue
+        if not isinstance(obj, dict):
+            yield _NOT_OBJECT
+            continue
+        missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(obj.get(k), str)]
+        if missing:
+            yield f"{missing[0]} missing or not text"
+            continue
+        meta = obj.get("metadata")
+        if not isinstance(meta, dict):
+            yield "metadata missing or not an object"
+            continue
+        chosen_score, rejected_score = _score(meta.get("score_chosen")), _score(
+            meta.get("score_rejected"))
+        if chosen_score is None or rejected_score is None:
+            yield "metadata without numeric score_chosen and score_rejected"
+            continue
+        if chosen_score < rejected_score:
+            yield "chosen scored below rejected"
+            continue
+        yield _pair(f"ultrafeedback/{split}/{index:06d}", obj["prompt"], obj["chosen"],
+                    obj["rejected"], source="ultrafeedback", subset=f"ultrafeedback-{split}",
+                    source_index=obj.get("source_index"), score_chosen=chosen_score,
+                    score_rejected=rejected_score)
+
+
+def load_ultrafeedback(split: str, data_dir: Path | None = None,
+                       limit: int | None = None) -> SourceResult:
+    """UltraFeedback pairs binarized as in TRL (``prompt``, ``chosen``, ``rejected`` texts,
+    ``source_index``, ``metadata.score_chosen`` / ``score_rejected``); ids carry the 0-based
+    line index, provenance the source index and both GPT-4 scores.
+
+    A pair whose two scores are equal is kept as a preference, as TRL's binarized set keeps
+    it, and counted in ``notes``; a pair whose chosen side scored lower is skipped.
+    """
+    if split not in ULTRAFEEDBACK_SPLITS:
+        raise ValueError(f"unknown UltraFeedback split {split!r}; "
+                         f"known: {', '.join(ULTRAFEEDBACK_SPLITS)}")
+    path = _data_file(data_dir, "ultrafeedback", f"{split}.jsonl.gz")
+    result = _fill(SourceResult(name=f"ultrafeedback/{split}"),
+                   _ultrafeedback_rows(path, split), limit)
+    # counted on the records kept, so a tie that failed validation is not noted as kept
+    equal = sum(r.provenance["score_chosen"] == r.provenance["score_rejected"]
+                for r in result.records)
+    if equal:
+        result.notes[ULTRAFEEDBACK_EQUAL] = equal
+    return result
+
+
+# --------------------------------------------------------------------------- oasst1
+
+_OASST_ROLES = {"prompter": "user", "assistant": "assistant"}
+
+
+def _oasst_rank(value: Any) -> int | None:
+    """A sibling rank as an int (``1.0`` from a float column counts), else ``None``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _oasst_prompt(parent_id: str,
+                  messages: dict[str, dict[str, Any]]) -> list[Message] | str:
+    """The conversation from the root down to ``parent_id``, or why there is none."""
+    chain: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    current: Any = parent_id
+    while current is not None:
+        if current in seen:
+            return "prompt chain loops"
+        seen.add(current)
+        message = messages.get(current)
+        if message is None:
+            return "prompt chain has a missing message"
+        chain.append(message)
+        current = message.get("parent_id")
+    chain.reverse()
+    if any(m.get("deleted") is True or m.get("review_result") is False for m in chain):
+        return "prompt holds a deleted or review-failed message"
+    roles = [_OASST_ROLES.get(m.get("role")) for m in chain]  # type: ignore[arg-type]
+    if roles[0] != "user":
+        return "conversation does not start with a user turn"
+    if roles[-1] != "user":
+        return "last prompt turn is not the user's"
+    if None in roles or any(a == b for a, b in itertools.pairwise(roles)):
+        return "conversation turns do not alternate user/assistant"
+    return [{"role": role, "content": m.get("text")} for role, m in zip(roles, chain)]
+
+
+def _oasst1_rows(path: Path) -> Iterator[dict[str, Any] | str]:
+    messages: dict[str, dict[str, Any]] = {}
+    ranked: dict[str, list[dict[str, Any]]] = {}  # parent id -> ranked assistant replies
+    for _, obj in _json_lines(path):
+        if obj is _BAD_JSON:
+            yield _UNPARSEABLE
+            continue
+        if not isinstance(obj, dict):
+            yield _NOT_OBJECT
+            continue
+        mid = obj.get("message_id")
+        if not isinstance(mid, str) or not mid:
+            yield "message without a message_id"
+            continue
+        if mid in messages:
+            yield "message_id repeated (first kept)"
+            continue
+        messages[mid] = obj
+        parent = obj.get("parent_id")
+        if (obj.get("role") == "assistant" and isinstance(parent, str)
+                and _oasst_rank(obj.get("rank")) is not None):
+            ranked.setdefault(parent, []).append(obj)
+    for parent, replies in ranked.items():
+        usable = []
+        for reply in replies:
+            if reply.get("deleted") is True:
+                yield "ranked reply deleted"
+            elif reply.get("review_result") is False:
+                yield "ranked reply failed review"
+            else:
+                usable.append(reply)
+        if len(usable) < 2:
+            continue
+        prompt = _oasst_prompt(parent, messages)
+        if isinstance(prompt, str):
+            yield prompt
+            continue
+        usable.sort(key=lambda m: _oasst_rank(m["rank"]))  # stable: file order within a rank
+        for better, worse in itertools.combinations(usable, 2):
+            b_rank, w_rank = _oasst_rank(better["rank"]), _oasst_rank(worse["rank"])
+            if b_rank == w_rank:
+                yield "sibling replies with equal ranks"
+                continue
+            yield _pair(f"oasst1/{parent}/{better['message_id']}-over-{worse['message_id']}",
+                        prompt, better.get("text"), worse.get("text"),
+                        source="oasst1", subset="oasst1", chosen_rank=b_rank,
+                        rejected_rank=w_rank, message_tree_id=better.get("message_tree_id"))
+
+
+def load_oasst1(data_dir: Path | None = None, limit: int | None = None) -> SourceResult:
+    """Human preference pairs from oasst1's ranked sibling replies (``oasst1/en-validation``).
+
+    For each parent message, its assistant replies with an integer ``rank`` (0 = best) give
+    every combination of two siblings with different ranks, the lower rank chosen. The
+    prompt is the conversation from the tree's root down to the parent, ``prompter`` turns
+    as ``user``; ids are ``oasst1/<parent>/<chosen>-over-<rejected>`` (message ids).
+
+    Left out, and counted: a ranked reply that is deleted, or whose ``review_result`` is
+    ``False`` (dropped although oasst1 ranked it: a reply that failed human review is no
+    reliable "better" or "worse" answer; ``None``, not yet reviewed, is kept), once per
+    reply; a prompt whose chain misses a message, holds a deleted or review-failed message,
+    does not start or end with a user turn or does not alternate, once per parent that had
+    two usable replies; two siblings of equal rank, once per such pair. Text is verbatim.
+    """
+    path = _data_file(data_dir, "oasst1", OASST1_FILE)
+    return _fill(SourceResult(name="oasst1"), _oasst1_rows(path), limit)
+
+
 # --------------------------------------------------------------------------- registry
 
 SOURCES: dict[str, Callable[..., SourceResult]] = {
@@ -471,6 +678,8 @@ SOURCES: dict[str, Callable[..., SourceResult]] = {
     "xstest": load_xstest,
     "gsm8k": _load_gsm8k_test_pairs,
     "rewardbench": _load_rewardbench_source,
+    **{f"ultrafeedback/{s}": partial(load_ultrafeedback, s) for s in ULTRAFEEDBACK_SPLITS},
+    "oasst1": load_oasst1,
 }
 
 

@@ -32,6 +32,12 @@ from crome.data import (
     sources,
     validate_messages,
 )
+from crome.data.sources import (
+    ULTRAFEEDBACK_EQUAL,
+    ULTRAFEEDBACK_SPLITS,
+    load_oasst1,
+    load_ultrafeedback,
+)
 
 IDENTICAL = "rejected: chosen and rejected are identical in a preference pair"
 
@@ -77,7 +83,9 @@ def test_checkout_default_used_when_cwd_has_none(tmp_path, monkeypatch, no_env):
 
 def assert_explains_layout(message: str) -> None:
     for part in ("hh-rlhf/<subset>/test.jsonl.gz", "llmbar/*.json", "xstest/*.csv",
-                 "gsm8k/*.jsonl", "rewardbench/filtered.jsonl.gz", "--data-dir", "CROME_DATA"):
+                 "gsm8k/*.jsonl", "rewardbench/filtered.jsonl.gz",
+                 "ultrafeedback/{train,eval}.jsonl.gz", "oasst1/en-validation.jsonl.gz",
+                 "--data-dir", "CROME_DATA"):
         assert part in message
 
 
@@ -214,8 +222,175 @@ def test_unknown_subset_and_source_names():
 
 def test_registry_names():
     assert set(SOURCES) == ({f"hh-rlhf/{s}" for s in HH_SUBSETS}
-                            | {"llmbar", "xstest", "gsm8k", "rewardbench"}
-                            | {f"llmbar/{stem}" for stem in LLMBAR_FILES})
+                            | {"llmbar", "xstest", "gsm8k", "rewardbench", "oasst1"}
+                            | {f"llmbar/{stem}" for stem in LLMBAR_FILES}
+                            | {"ultrafeedback/train", "ultrafeedback/eval"})
+
+
+# --------------------------------------------------------------------- UltraFeedback, synthetic
+
+def uf_line(prompt, chosen, rejected, scores=(8.0, 6.0), index=7, **overrides) -> str:
+    row = {"prompt": prompt, "chosen": chosen, "rejected": rejected, "source_index": index,
+           "metadata": {"score_chosen": scores[0], "score_rejected": scores[1]}}
+    return json.dumps({**row, **overrides})
+
+
+SYNTHETIC_UF = [
+    uf_line("Q0", "good", "bad", index=11),
+    uf_line("Q1", "tie a", "tie b", scores=(7.0, 7.0)),
+    "{not json",
+    uf_line("Q3", "a", "b", metadata=json.dumps({"score_chosen": 8.0, "score_rejected": 6.0})),
+    uf_line("Q4", [{"role": "assistant", "content": "a"}], "b"),  # TRL's conversational form
+    uf_line("Q5", "a", "b", scores=(3.0, 9.0)),
+    uf_line("Q6", "same", "same", scores=(5.0, 5.0)),  # a tie that fails validation
+    uf_line("Q7", "a", "b", metadata={"score_chosen": 8.0}),
+    "[1, 2]",
+    "",
+    uf_line("Q10", "kept", "dropped", scores=(9, 2.5), index="42"),
+]
+
+
+@pytest.fixture
+def uf_dir(tmp_path) -> Path:
+    (tmp_path / "ultrafeedback").mkdir()
+    with gzip.open(tmp_path / "ultrafeedback" / "train.jsonl.gz", "wt", encoding="utf-8") as fh:
+        fh.write("\n".join(SYNTHETIC_UF) + "\n")
+    return tmp_path
+
+
+def test_ultrafeedback_records_notes_and_skips(uf_dir):
+    result = load_ultrafeedback("train", uf_dir)
+    assert result.name == "ultrafeedback/train"
+    by_id = {r.id: r for r in result.records}
+    assert list(by_id) == [f"ultrafeedback/train/{i:06d}" for i in (0, 1, 10)]
+    first = by_id["ultrafeedback/train/000000"]
+    assert (first.prompt, first.chosen, first.rejected) == ("Q0", "good", "bad")
+    assert (first.source, first.subset, first.label) == ("ultrafeedback", "ultrafeedback-train",
+                                                         "chosen")
+    assert first.provenance == {"stage": "source", "source_index": 11, "score_chosen": 8.0,
+                                "score_rejected": 6.0}
+    last = by_id["ultrafeedback/train/000010"].provenance
+    assert (last["source_index"], last["score_chosen"], last["score_rejected"]) == ("42", 9.0,
+                                                                                    2.5)
+    assert result.skipped == {
+        "unparseable JSON line": 1,
+        "metadata missing or not an object": 1,
+        "chosen missing or not text": 1,
+        "chosen scored below rejected": 1,
+        IDENTICAL: 1,
+        "metadata without numeric score_chosen and score_rejected": 1,
+        "line is not a JSON object": 1,
+    }
+    # the kept tie is noted; the identical tie on line 6 was skipped, so it is not
+    assert result.notes == {ULTRAFEEDBACK_EQUAL: 1}
+
+
+def test_ultrafeedback_limit_and_unknown_split(uf_dir):
+    one = load_ultrafeedback("train", uf_dir, limit=1)
+    assert [r.id for r in one.records] == ["ultrafeedback/train/000000"]
+    assert not one.skipped and not one.notes
+    two = load_source("ultrafeedback/train", uf_dir, limit=2)
+    assert [r.id for r in two.records] == ["ultrafeedback/train/000000",
+                                           "ultrafeedback/train/000001"]
+    assert two.notes == {ULTRAFEEDBACK_EQUAL: 1}
+    assert load_ultrafeedback("train", uf_dir, limit=0).records == []
+    with pytest.raises(ValueError, match="train, eval"):
+        load_ultrafeedback("test", uf_dir)
+    with pytest.raises(DataDirError, match=r"ultrafeedback/eval\.jsonl\.gz is missing"):
+        load_source("ultrafeedback/eval", uf_dir)
+
+
+@pytest.mark.parametrize("name, folder", [("ultrafeedback/train", "ultrafeedback"),
+                                          ("oasst1", "oasst1")])
+def test_training_sources_are_required_only_by_their_source(tmp_path, no_env, name, folder):
+    root = make_data_dir(tmp_path / "data")
+    assert folder not in DATA_SUBDIRS
+    assert resolve_data_dir(root) == root
+    with pytest.raises(DataDirError, match=rf"\(from --data-dir\) lacks {folder}/\."):
+        load_source(name, root)
+
+
+# --------------------------------------------------------------------- oasst1, synthetic
+
+def oa_msg(mid: str, parent: str | None, role: str, text: str, rank: int | None = None,
+           deleted: bool = False, review: bool | None = True) -> str:
+    return json.dumps({"message_id": mid, "parent_id": parent, "role": role, "text": text,
+                       "rank": rank, "deleted": deleted, "review_result": review,
+                       "lang": "en", "message_tree_id": "t-" + mid[0]})
+
+
+SYNTHETIC_OASST = [
+    oa_msg("r1", None, "prompter", "Q1"),
+    oa_msg("a1", "r1", "assistant", "A best", rank=0),
+    oa_msg("a2", "r1", "assistant", "A second", rank=1),
+    oa_msg("a3", "r1", "assistant", "A deleted", rank=2, deleted=True),
+    oa_msg("a4", "r1", "assistant", "A also second", rank=1),
+    oa_msg("a5", "r1", "assistant", "A unranked"),
+    oa_msg("a6", "r1", "assistant", "A failed review", rank=3, review=False),
+    oa_msg("p2", "a1", "prompter", "Q2"),
+    oa_msg("b1", "p2", "assistant", "B worse", rank=1, review=None),
+    oa_msg("b2", "p2", "assistant", "B better", rank=0),
+    "{not json",
+    oa_msg("c0", "gone", "prompter", "orphan question"),
+    oa_msg("c1", "c0", "assistant", "C0", rank=0),
+    oa_msg("c2", "c0", "assistant", "C1", rank=1),
+    oa_msg("d0", None, "prompter", "Q4"),
+    oa_msg("d1", "d0", "assistant", "unranked answer"),
+    oa_msg("e1", "d1", "assistant", "E0", rank=0),
+    oa_msg("e2", "d1", "assistant", "E1", rank=1),
+    oa_msg("f0", None, "assistant", "an assistant root"),
+    oa_msg("g1", "f0", "assistant", "G0", rank=0),
+    oa_msg("g2", "f0", "assistant", "G1", rank=1),
+    oa_msg("h0", None, "prompter", "Q5"),
+    oa_msg("h1", "h0", "assistant", "the only ranked reply", rank=0),
+]
+
+
+@pytest.fixture
+def oasst_dir(tmp_path) -> Path:
+    (tmp_path / "oasst1").mkdir()
+    with gzip.open(tmp_path / "oasst1" / "en-validation.jsonl.gz", "wt",
+                   encoding="utf-8") as fh:
+        fh.write("\n".join(SYNTHETIC_OASST) + "\n")
+    return tmp_path
+
+
+def test_oasst1_pairs_prompts_and_skips(oasst_dir):
+    result = load_oasst1(oasst_dir)
+    assert result.name == "oasst1"
+    assert [r.id for r in result.records] == ["oasst1/r1/a1-over-a2", "oasst1/r1/a1-over-a4",
+                                              "oasst1/p2/b2-over-b1"]
+    first, _, deep = result.records
+    assert first.prompt == [{"role": "user", "content": "Q1"}]
+    assert (first.chosen, first.rejected) == ("A best", "A second")
+    assert (first.source, first.subset) == ("oasst1", "oasst1")
+    assert first.provenance == {"stage": "source", "chosen_rank": 0, "rejected_rank": 1,
+                                "message_tree_id": "t-a"}
+    # the lower rank is chosen although it comes second in the file; not yet reviewed is kept
+    assert deep.prompt == [{"role": "user", "content": "Q1"},
+                           {"role": "assistant", "content": "A best"},
+                           {"role": "user", "content": "Q2"}]
+    assert (deep.chosen, deep.rejected) == ("B better", "B worse")
+    assert (deep.provenance["chosen_rank"], deep.provenance["rejected_rank"]) == (0, 1)
+    assert result.skipped == {
+        "unparseable JSON line": 1,
+        "ranked reply deleted": 1,
+        "ranked reply failed review": 1,
+        "sibling replies with equal ranks": 1,
+        "prompt chain has a missing message": 1,
+        "last prompt turn is not the user's": 1,
+        "conversation does not start with a user turn": 1,
+    }
+    assert not result.notes
+
+
+def test_oasst1_limit(oasst_dir):
+    one = load_source("oasst1", oasst_dir, limit=1)
+    assert [r.id for r in one.records] == ["oasst1/r1/a1-over-a2"]
+    # the whole file is read to build the trees; only the first parent's skips are counted
+    assert one.skipped == {"unparseable JSON line": 1, "ranked reply deleted": 1,
+                           "ranked reply failed review": 1}
+    assert load_oasst1(oasst_dir, limit=0).records == []
 
 
 # --------------------------------------------------------------------- final_number
@@ -495,3 +670,90 @@ def test_gsm8k_pairs(data_dir):
     assert len({r.id for r in result.records}) == len(result.records)
     registered = load_source("gsm8k", data_dir, limit=5)
     assert [r.id for r in registered.records] == [r.id for r in result.records[:5]]
+
+
+# --------------------------------------------------------------------- training sets
+
+UF_EXPECTED = {  # lines, kept, skipped, equal-score ties in the file, ties kept (noted)
+    "train": (1000, 994, {IDENTICAL: 4, "rejected: empty": 1, "chosen: empty": 1}, 111, 110),
+    "eval": (200, 199, {IDENTICAL: 1}, 25, 24),
+}
+
+
+def read_gz_jsonl(path: Path) -> list:
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]
+
+
+@pytest.mark.parametrize("split", ULTRAFEEDBACK_SPLITS)
+def test_ultrafeedback_real_counts(data_dir, split):
+    lines, kept, skipped, ties, ties_kept = UF_EXPECTED[split]
+    raw = read_gz_jsonl(data_dir / "ultrafeedback" / f"{split}.jsonl.gz")
+    assert len(raw) == lines
+    assert sum(r["metadata"]["score_chosen"] == r["metadata"]["score_rejected"]
+               for r in raw) == ties
+    result = load_source(f"ultrafeedback/{split}", data_dir)
+    assert len(result.records) == kept
+    assert result.skipped == skipped
+    assert result.notes == {ULTRAFEEDBACK_EQUAL: ties_kept}
+    assert len(result.records) + sum(result.skipped.values()) == lines
+    assert len({r.id for r in result.records}) == kept
+    for rec in result.records:
+        item = raw[int(rec.id.rsplit("/", 1)[1])]
+        assert (rec.prompt, rec.chosen, rec.rejected) == (item["prompt"], item["chosen"],
+                                                          item["rejected"])
+        assert rec.provenance == {"stage": "source", "source_index": item["source_index"],
+                                  **item["metadata"]}
+        assert rec.provenance["score_chosen"] >= rec.provenance["score_rejected"]
+        assert (rec.source, rec.subset) == ("ultrafeedback", f"ultrafeedback-{split}")
+
+
+def test_ultrafeedback_real_examples(data_dir):
+    records = {r.id: r for r in load_ultrafeedback("train", data_dir).records}
+    first = records["ultrafeedback/train/000000"]
+    assert first.prompt == "how to cook t-bone in the oven"
+    assert first.chosen.startswith("To cook a delicious T-bone steak in the oven")
+    assert first.provenance["source_index"] == 27808
+    assert (first.provenance["score_chosen"], first.provenance["score_rejected"]) == (9.0, 8.0)
+    for line in (306, 478, 655, 833, 910, 997):  # identical or empty answers
+        assert f"ultrafeedback/train/{line:06d}" not in records
+    limited = load_source("ultrafeedback/train", data_dir, limit=3)
+    assert [r.id for r in limited.records] == list(records)[:3]
+
+
+def test_oasst1_real_pairs(data_dir):
+    raw = read_gz_jsonl(data_dir / "oasst1" / "en-validation.jsonl.gz")
+    assert len(raw) == 2022
+    messages = {m["message_id"]: m for m in raw}
+    result = load_source("oasst1", data_dir)
+    records = result.records
+    assert len(records) == 1021
+    assert result.skipped == {"ranked reply deleted": 3, IDENTICAL: 1}
+    assert not result.notes
+    assert len({r.id for r in records}) == 1021
+    assert len({r.id.split("/")[1] for r in records}) == 416
+    # an independent count: siblings of different rank among ranked, undeleted replies
+    siblings: dict[str, list[int]] = {}
+    for m in raw:
+        if m["role"] == "assistant" and isinstance(m["rank"], int) and not m["deleted"]:
+            siblings.setdefault(m["parent_id"], []).append(m["rank"])
+    expected = sum(a != b for ranks in siblings.values()
+                   for i, a in enumerate(ranks) for b in ranks[i + 1:])
+    assert expected == len(records) + result.skipped[IDENTICAL]
+    for rec in records:
+        _, parent, pair = rec.id.split("/")
+        chosen_id, rejected_id = pair.split("-over-")
+        chosen, rejected = messages[chosen_id], messages[rejected_id]
+        assert chosen["parent_id"] == rejected["parent_id"] == parent
+        assert (rec.chosen, rec.rejected) == (chosen["text"], rejected["text"])
+        assert rec.provenance["chosen_rank"] == chosen["rank"]
+        assert rec.provenance["rejected_rank"] == rejected["rank"]
+        assert chosen["rank"] < rejected["rank"]
+        assert not chosen["deleted"] and not rejected["deleted"]
+        assert rec.prompt[0]["role"] == "user" and rec.prompt[-1]["role"] == "user"
+        assert rec.prompt[-1]["content"] == messages[parent]["text"]
+        validate_messages(rec.prompt)
+        assert (rec.source, rec.subset) == ("oasst1", "oasst1")
+    assert Counter(len(r.prompt) for r in records) == {1: 530, 3: 485, 5: 6}
+    limited = load_oasst1(data_dir, limit=4)
+    assert [r.id for r in limited.records] == [r.id for r in records[:4]]
