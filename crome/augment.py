@@ -73,7 +73,7 @@ class AugmentOptions:
     recipe: str = "causal"
     seed: int = 0
     # causal
-    attributes_per_pair: int = 2
+    attributes_per_pair: int = 2  # per parent, round-robin over its rubric; 0: all
     directions: tuple[str, ...] = DIRECTIONS
     candidates: int = 2  # the first greedy, the rest sampled with their own seeds
     temperature: float = 0.7
@@ -324,7 +324,12 @@ class RewriteTask:
 
 def causal_tasks(records: Sequence[PairRecord], rubrics: dict[str, Rubric],
                  options: AugmentOptions, report: AugmentReport) -> list[RewriteTask]:
+    """Rewrite tasks: ``attributes_per_pair`` attributes of each parent's rubric (0: all),
+    in both directions. The attributes go round-robin over the rubric from one parent to the
+    next (the n-th parent starts at attribute n·k), so every attribute of a rubric gets used,
+    not only the first ones the oracle happened to name."""
     tasks: list[RewriteTask] = []
+    parent = 0
     for rec in records:
         if rec.label != "chosen":
             report.skipped["tie_parent"] += 1
@@ -333,7 +338,13 @@ def causal_tasks(records: Sequence[PairRecord], rubrics: dict[str, Rubric],
         if rubric is None:
             report.skipped["no_rubric"] += 1
             continue
-        for attr in rubric.attributes[:options.attributes_per_pair]:
+        attrs = rubric.attributes
+        k = options.attributes_per_pair
+        if 0 < k < len(attrs):
+            start = parent * k % len(attrs)
+            attrs = (attrs[start:] + attrs[:start])[:k]
+        parent += 1
+        for attr in attrs:
             for direction in options.directions:
                 tasks.append(RewriteTask(rec, attr, direction))
     return tasks

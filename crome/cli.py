@@ -128,7 +128,7 @@ def train_cmd(
         model=ModelOptions(backbone=backbone, max_length=max_length,
                            min_prompt_tokens=min_prompt_tokens, dropout=dropout,
                            lora=LoraOptions(r=lora_r, alpha=2 * lora_r) if lora_r else None,
-                           seed=seed, pairwise=pairwise),
+                           pairwise=pairwise),
         epochs=epochs, batch_size=batch_size, grad_accum=grad_accum, lr=lr,
         tie_weight=tie_weight, margin=margin, center_coef=center_coef, bf16=bf16, seed=seed,
         max_steps=max_steps, checkpoint_every=checkpoint_every, eval_every=eval_every,
@@ -407,7 +407,8 @@ def augment_cmd(
     oracle_key_env: KeyEnvOpt = "OPENAI_API_KEY",
     oracle_concurrency: ConcurrencyOpt = 4,
     cache: CacheOpt = None,
-    attributes: Annotated[int, typer.Option(help="causal: rubric attributes per pair")] = 2,
+    attributes: Annotated[int, typer.Option(
+        help="causal: rubric attributes per pair, round-robin over the rubric; 0 = all")] = 2,
     direction: Annotated[list[str] | None, typer.Option(
         help="causal: degrade and/or upgrade (default both)")] = None,
     candidates: Annotated[int, typer.Option(help="causal: samples tried per rewrite")] = 2,
@@ -483,8 +484,11 @@ def filter_cmd(
     data: DataOpt,
     output: Annotated[Path, typer.Option("--out", "-o")],
     baseline: Annotated[Path, typer.Option(help="RM trained on the original pairs")],
-    tau: Annotated[float, typer.Option(help="Keep pairs with P(label) < tau")] = 0.95,
-    tie_tau: Annotated[float | None, typer.Option(help="τ for tie pairs (default: tau)")] = None,
+    tau: Annotated[float, typer.Option(
+        help="Keep preference pairs whose label the baseline gives P < tau")] = 0.95,
+    tie_tau: Annotated[float, typer.Option(
+        help="Keep ties where the baseline gives one answer P >= tie-tau (0.5-1; the same "
+             "unit as --tau: σ of the reward margin)")] = 0.6,
     data_dir: DataDirOpt = None,
     skip_invalid: SkipOpt = False,
 ) -> None:
@@ -648,7 +652,7 @@ def experiment_cmd(
     data_dir: DataDirOpt = None,
     arms: Annotated[str | None, typer.Option(
         help="Comma-separated arms: vanilla, rrm, causal-only, neutral-only, crome, "
-             "crome-nofilter")] = None,
+             "crome-no-rewrite-ties, crome-nofilter, and the *-pairpm arms")] = None,
     seeds: Annotated[str | None, typer.Option(help="Comma-separated training seeds (≥3 for "
                                                    "CIs worth reading)")] = None,
     tie_ratios: Annotated[str | None, typer.Option(
@@ -676,9 +680,17 @@ def experiment_cmd(
     oracle_model: Annotated[str | None, typer.Option("--oracle-model")] = None,
     cache: Annotated[str | None, typer.Option(help="Oracle cache (SQLite)")] = None,
     augment_pairs: Annotated[int | None, typer.Option(help="Pairs given causal rewrites")] = None,
-    attributes: Annotated[int | None, typer.Option(help="Rubric attributes per pair")] = None,
+    attributes: Annotated[int | None, typer.Option(
+        help="Rubric attributes per pair (round-robin; 0 = all)")] = None,
+    augment_max_chars: Annotated[int | None, typer.Option(
+        help="Causal parents' longest answer in characters (quickstart: 600); 0 = no "
+             "limit")] = None,
     neutral_pairs: Annotated[int | None, typer.Option(help="Original pairs made neutral")] = None,
-    tau: Annotated[float | None, typer.Option(help="Filter: keep P(label) < tau")] = None,
+    tau: Annotated[float | None, typer.Option(
+        help="Filter: keep preference pairs whose label the baseline gives P < tau")] = None,
+    tie_tau: Annotated[float | None, typer.Option(
+        help="Filter: keep ties where the baseline gives one answer P >= tie-tau "
+             "(default 0.6)")] = None,
     validate: Annotated[bool | None, typer.Option(
         "--validate/--no-validate", help="The oracle checks each causal rewrite (default: "
         "on in the large preset only)")] = None,
@@ -700,8 +712,9 @@ def experiment_cmd(
     Every arm trains the same backbone on the same original pairs with the same seeds, plus:
     vanilla: nothing; rrm: RRM pairs (on-prompt answers beat an off-prompt one, two
     off-prompt answers tie); causal-only: the causal pairs the filter kept; neutral-only:
-    the neutral pairs the filter kept; crome: both; crome-nofilter: every causal and neutral
-    pair, unfiltered; crome-ties-<r>x (--tie-ratios): the kept causal pairs and r times as
+    the kept neutral pairs made from original pairs; crome: every kept causal and neutral
+    pair (neutral copies of rewrites included); crome-no-rewrite-ties: crome without the
+    neutral copies of rewrites; crome-nofilter: every causal and neutral pair, unfiltered; crome-ties-<r>x (--tie-ratios): the kept causal pairs and r times as
     many kept neutral pairs; crome-causal-<f> (--causal-fractions): a nested fraction f of
     the kept causal pairs and every kept neutral pair; vanilla-pairpm, rrm-pairpm,
     crome-pairpm: pairwise preference models on the data of vanilla, rrm, crome (ties and
@@ -723,9 +736,11 @@ def experiment_cmd(
         seeds=_csv(seeds, int), tie_ratios=_csv(tie_ratios, float),
         causal_fractions=_csv(causal_fractions, float), backbone=backbone,
         lora_r=lora_r, max_length=max_length, pairwise_max_length=pairwise_max_length,
-        epochs=epochs, batch_size=batch_size, lr=lr, tie_weight=tie_weight, oracle=oracle, oracle_model=oracle_model,
+        epochs=epochs, batch_size=batch_size, lr=lr, tie_weight=tie_weight, oracle=oracle,
+        oracle_model=oracle_model,
         cache=cache, augment_pairs=augment_pairs, attributes_per_pair=attributes,
-        neutral_pairs=neutral_pairs, tau=tau, validate=validate, lookup_tokens=lookup_tokens,
+        neutral_pairs=neutral_pairs, tau=tau, tie_tau=tie_tau, validate=validate,
+        lookup_tokens=lookup_tokens,
         rewardbench=rewardbench, perturb_eval=perturb_eval,
         bon_questions=bon_questions, audit_probes=audit_probes, bootstrap=bootstrap,
         progress=progress)
@@ -734,6 +749,8 @@ def experiment_cmd(
         opts.max_train = max_train or None
     if max_eval is not None:
         opts.max_eval = max_eval or None
+    if augment_max_chars is not None:
+        opts.augment_max_chars = augment_max_chars or None
     experiment(opts, echo=typer.echo)
 
 

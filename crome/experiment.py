@@ -70,7 +70,9 @@ from crome.rubrics import RubricOptions, make_rubrics, read_rubrics
 from crome.score import ScoreOptions, model_scorer
 from crome.train import SUMMARY_FILE, TrainOptions, train
 
-TRAIN_SOURCES = ("hh-rlhf/helpful-online", "hh-rlhf/helpful-rejection-sampled")
+# every training pair of ../shared/data (about 5,900; its README gives the roles)
+TRAIN_SOURCES = ("hh-rlhf/helpful-online", "hh-rlhf/helpful-rejection-sampled",
+                 "ultrafeedback/train", "oasst1")
 PERTURB_SETS = ("llmbar", "hh-rlhf/helpful-base", "gsm8k")  # held out (gsm8k: test pairs)
 REWARDBENCH = "rewardbench"
 
@@ -79,8 +81,10 @@ ARMS: dict[str, str] = {
     "vanilla": "the original pairs only",
     "rrm": "RRM pairs (on-prompt answers beat an off-prompt one; two off-prompt answers tie)",
     "causal-only": "the causal pairs the filter kept",
-    "neutral-only": "the neutral pairs the filter kept",
-    "crome": "the causal and neutral pairs the filter kept",
+    "neutral-only": "the kept neutral pairs made from original pairs (no oracle rewrite in it)",
+    "crome": "the causal and neutral pairs the filter kept (neutrals of rewrites included)",
+    "crome-no-rewrite-ties": "crome without the neutral copies of causal rewrites: what "
+                             "those ties add",
     "crome-nofilter": "every causal and neutral pair, unfiltered",
     # Pairwise preference models (crome.pairwise) on the data of the BT arm of the same name
     "vanilla-pairpm": "a pairwise preference model on the vanilla arm's data",
@@ -100,6 +104,7 @@ CURVE_PREFIX = "crome-causal-"
 COMPARISONS: tuple[tuple[str, str], ...] = (
     ("crome", "vanilla"), ("crome", "rrm"), ("rrm", "vanilla"),
     ("causal-only", "crome"), ("neutral-only", "crome"), ("crome-nofilter", "crome"),
+    ("crome-no-rewrite-ties", "crome"),
     ("crome-pairpm", "vanilla-pairpm"), ("crome-pairpm", "rrm-pairpm"),
     ("rrm-pairpm", "vanilla-pairpm"), ("vanilla-pairpm", "vanilla"), ("crome-pairpm", "crome"),
 )
@@ -131,7 +136,10 @@ class ExperimentOptions:
     oracle_model: str = ""
     cache: str | None = None  # None: <output_dir>/oracle.sqlite3
     augment_pairs: int = 12
-    augment_max_chars: int = 600
+    # causal parents' longest answer, in characters; None: no limit. Only the quickstart
+    # sets one: the local oracle decodes ~10 tokens/s on 2 cores, and a rewrite is as long
+    # as its answer (a 2,000-character answer costs a minute a candidate)
+    augment_max_chars: int | None = None
     attributes_per_pair: int = 1
     candidates: int = 2
     # The oracle checks each causal rewrite (crome.validate). Off in the CPU presets: the
@@ -140,7 +148,8 @@ class ExperimentOptions:
     validate: bool = False
     lookup_tokens: int = 10  # llamacpp: prompt-lookup speculative decoding (0 = off)
     neutral_pairs: int = 300
-    tau: float = 0.95
+    tau: float = 0.95  # the filter keeps preferences whose label the baseline gives P < tau
+    tie_tau: float = 0.6  # ... and ties where it favours one answer with P >= tie_tau
     # evaluation (held-out data only)
     max_eval: int | None = 200  # first N pairs per subset of the held-out sets; None = all
     rewardbench: bool = True  # the full RewardBench, whatever max_eval says
@@ -168,6 +177,7 @@ class ExperimentOptions:
         if any(not 0 < f < 1 for f in self.causal_fractions):
             raise ValueError(f"causal fractions must be between 0 and 1 (1 is the crome arm), "
                              f"got {self.causal_fractions}")
+        FilterOptions(tau=self.tau, tie_tau=self.tie_tau)  # checks both before any work
         if not self.output_dir:
             self.output_dir = f"runs/{self.preset}"
 
@@ -196,7 +206,7 @@ def arm_description(arm: str) -> str:
 # Presets: the smallest (the quickstart, ~30 min on 2 CPU cores) to a GPU-cluster run with
 # a served oracle. Anything given on the command line overrides them.
 PRESETS: dict[str, dict[str, Any]] = {
-    "quickstart": {},
+    "quickstart": {"augment_max_chars": 600},
     "standard": {
         "arms": tuple(ARMS), "tie_ratios": (1.0, 4.0), "max_train": 2000,
         "augment_pairs": 60, "max_eval": 400, "perturb_eval": 30, "bon_questions": 200,
@@ -204,7 +214,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "large": {
         "arms": tuple(ARMS), "seeds": (0, 1, 2, 3, 4), "tie_ratios": (0.5, 1.0, 2.0, 4.0),
-        "max_train": None, "augment_pairs": 2000, "augment_max_chars": 4000,
+        "max_train": None, "augment_pairs": 2000,
         "attributes_per_pair": 2, "neutral_pairs": 4000, "max_length": 512, "max_eval": None,
         "perturb_eval": 200, "bon_questions": None, "audit_probes": 400, "bootstrap": 2000,
         "validate": True,
@@ -263,13 +273,17 @@ def training_pairs(data_dir: Path | None, max_train: int | None, seed: int,
     return records
 
 
-def augment_subset(records: list[PairRecord], n: int, max_chars: int, seed: int,
+def augment_subset(records: list[PairRecord], n: int, max_chars: int | None, seed: int,
                    log: list[str]) -> list[PairRecord]:
-    short = [r for r in records if r.label == "chosen"
-             and max(len(r.chosen), len(r.rejected)) <= max_chars]
-    chosen = random.Random(seed + 1).sample(short, min(n, len(short)))
-    log.append(f"causal subset: {len(chosen)} of {len(short)} pairs whose answers are at most "
-               f"{max_chars} characters ({len(records) - len(short)} longer pairs not eligible)")
+    eligible = [r for r in records if r.label == "chosen" and (
+        max_chars is None or max(len(r.chosen), len(r.rejected)) <= max_chars)]
+    chosen = random.Random(seed + 1).sample(eligible, min(n, len(eligible)))
+    if max_chars is None:
+        log.append(f"causal subset: {len(chosen)} of {len(eligible)} preference pairs")
+    else:
+        log.append(f"causal subset: {len(chosen)} of {len(eligible)} pairs whose answers are "
+                   f"at most {max_chars} characters ({len(records) - len(eligible)} longer "
+                   f"pairs not eligible)")
     return chosen
 
 
@@ -285,6 +299,11 @@ class Augmented:
 
     def kept_of(self, recipe: str) -> list[PairRecord]:
         return [r for r in self.kept if r.provenance.get("recipe") == recipe]
+
+    def kept_rewrite_ties(self) -> list[PairRecord]:
+        """Kept neutral pairs whose answers come from a causal rewrite."""
+        return [r for r in self.kept_of("neutral")
+                if r.provenance.get("parent_recipe") == "causal"]
 
 
 def augmentation(originals: list[PairRecord], subset: list[PairRecord], baseline: Path,
@@ -337,9 +356,10 @@ def augmentation(originals: list[PairRecord], subset: list[PairRecord], baseline
         rrm = read_pairs(aug / "rrm.jsonl")
 
     stages.start(f"filter {len(causal) + len(neutral)} augmented pairs with the vanilla RM "
-                 f"(τ={opts.tau})")
-    kept, dropped, filter_report = filter_pairs(causal + neutral, RewardModel.load(baseline),
-                                                FilterOptions(tau=opts.tau), "vanilla")
+                 f"(τ={opts.tau}, ties {opts.tie_tau})")
+    kept, dropped, filter_report = filter_pairs(
+        causal + neutral, RewardModel.load(baseline),
+        FilterOptions(tau=opts.tau, tie_tau=opts.tie_tau), "vanilla")
     write_pairs(kept, aug / "filtered.jsonl")
     write_pairs(dropped, aug / "dropped.jsonl")
     echo(filter_report.summary())
@@ -362,9 +382,13 @@ def arm_data(arm: str, originals: list[PairRecord], aug: Augmented, seed: int) -
     elif arm == "causal-only":
         extra = aug.kept_of("causal")
     elif arm == "neutral-only":
-        extra = aug.kept_of("neutral")
+        extra = [r for r in aug.kept_of("neutral")
+                 if r.provenance.get("parent_recipe") != "causal"]
     elif arm == "crome":
         extra = aug.kept
+    elif arm == "crome-no-rewrite-ties":
+        rewrite_ties = {id(r) for r in aug.kept_rewrite_ties()}
+        extra = [r for r in aug.kept if id(r) not in rewrite_ties]
     elif arm == "crome-nofilter":
         extra = aug.causal + aug.neutral
     elif arm.startswith(SWEEP_PREFIX):

@@ -70,7 +70,8 @@ class ModelOptions:
     min_prompt_tokens: int = 64
     dropout: bool = False
     lora: LoraOptions | None = None
-    seed: int = 0  # initialises the new reward head
+    # initialises the new reward head and LoRA; train() sets it from TrainOptions.seed
+    seed: int = 0
     # a pairwise preference model (crome.pairwise): reads the prompt and two answers and
     # gives logits of "first better", "second better", "same" instead of one reward
     pairwise: bool = False

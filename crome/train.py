@@ -43,7 +43,7 @@ import random
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -279,7 +279,8 @@ def train(records: Sequence[PairRecord], options: TrainOptions | None = None,
     if opts.model.pairwise and (opts.margin or opts.center_coef):
         raise ValueError("margin and reward centering are Bradley–Terry options; a pairwise "
                          "model is trained with cross-entropy on its verdicts")
-    rm = RewardModel.create(opts.model)
+    # the seed varies everything random: the new head's and LoRA's initial weights too
+    rm = RewardModel.create(replace(opts.model, seed=opts.seed))
     if not opts.center_coef and not rm.pairwise:  # a verdict head's bias is its class prior
         freeze_head_bias(rm.model)
     if opts.gradient_checkpointing:

@@ -91,11 +91,12 @@ def test_causal_rules_on_gsm8k(tmp_path, embedder):
     recs = _gsm8k(30)
     make_rubrics(recs, RulesOracle(), tmp_path / "r.jsonl")
     out = tmp_path / "causal.jsonl"
-    report = augment(recs, out, AugmentOptions(attributes_per_pair=2), oracle=RulesOracle(),
+    # every attribute of the 4-attribute rules rubric (0 = all), both directions
+    report = augment(recs, out, AugmentOptions(attributes_per_pair=0), oracle=RulesOracle(),
                      rubrics=read_rubrics(tmp_path / "r.jsonl"), embedder=embedder)
     pairs = read_pairs(out)
     failures = [json.loads(x) for x in failures_path(out).read_text().splitlines()]
-    assert report.tasks == len(recs) * 2 * 2
+    assert report.tasks == len(recs) * 4 * 2
     assert len(pairs) + len(failures) == report.tasks  # every task produced or counted
     assert report.n_produced == len(pairs) and report.n_failed == len(failures)
     assert json.loads(json.dumps(report.to_dict()))["n_produced"] == len(pairs)
@@ -112,10 +113,38 @@ def test_causal_rules_on_gsm8k(tmp_path, embedder):
         assert final_number(p.rejected) != final_number(p.chosen)
     assert {f["reason"] for f in failures} == {"not_applicable"}
     # a re-run makes nothing new and loses nothing
-    again = augment(recs, out, AugmentOptions(attributes_per_pair=2), oracle=RulesOracle(),
+    again = augment(recs, out, AugmentOptions(attributes_per_pair=0), oracle=RulesOracle(),
                     rubrics=read_rubrics(tmp_path / "r.jsonl"), embedder=embedder)
     assert again.resumed == again.tasks and again.n_produced == report.n_produced
     assert len(read_pairs(out)) == len(pairs)
+
+
+def test_attributes_go_round_robin_over_each_rubric():
+    from collections import Counter
+
+    from crome.augment import AugmentReport, causal_tasks
+    from crome.rubrics import FALLBACK_ATTRIBUTES, Rubric
+
+    recs = _gsm8k(6)
+    rubrics = {prompt_hash(r.prompt): Rubric(prompt_hash(r.prompt), list(FALLBACK_ATTRIBUTES),
+                                             "ok", 1, "test") for r in recs}
+
+    def used(k: int) -> list[list[str]]:
+        tasks = causal_tasks(recs, rubrics, AugmentOptions(attributes_per_pair=k,
+                                                           directions=("degrade",)),
+                             AugmentReport(recipe="causal"))
+        per_parent: dict[str, list[str]] = {}
+        for t in tasks:
+            per_parent.setdefault(t.parent.id, []).append(t.attribute.name)
+        return list(per_parent.values())
+
+    names = [a.name for a in FALLBACK_ATTRIBUTES]
+    one = used(1)
+    assert [p[0] for p in one] == [names[i % 4] for i in range(6)]  # not always the first
+    two = used(2)
+    assert two[0] == names[:2] and two[1] == names[2:] and two[2] == names[:2]
+    assert Counter(a for p in two for a in p) == {n: 3 for n in names}  # spread evenly
+    assert all(p == names for p in used(0))  # 0: every attribute
 
 
 def test_neutral_pairs_are_unrelated_ties(embedder):

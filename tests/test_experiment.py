@@ -18,28 +18,38 @@ from crome.experiment import (
 )
 
 
-def _rec(i: int, recipe: str = "", label: str = "chosen") -> PairRecord:
+def _rec(i: int, recipe: str = "", label: str = "chosen", **provenance: str) -> PairRecord:
     return PairRecord(id=f"{recipe or 'orig'}/{i}", prompt=f"q{i}", chosen=f"a{i}",
                       rejected=f"b{i}", label=label,  # type: ignore[arg-type]
-                      provenance={"recipe": recipe} if recipe else {})
+                      provenance={"recipe": recipe, **provenance} if recipe else {})
 
 
 @pytest.fixture
 def pools():
     originals = [_rec(i) for i in range(10)]
     causal = [_rec(i, "causal") for i in range(6)]
-    neutral = [_rec(i, "neutral", "tie") for i in range(20)]
+    # neutral copies: every 4th of a causal rewrite, the others of an original pair
+    neutral = [_rec(i, "neutral", "tie",
+                    parent_recipe="causal" if i % 4 == 0 else "original") for i in range(20)]
     rrm = [_rec(i, "rrm") for i in range(30)]
-    kept = causal[:4] + neutral[:12]
+    kept = causal[:4] + neutral[:12]  # 3 of the 12 kept ties come from rewrites
     return originals, Augmented(causal, neutral, rrm, kept)
 
 
 def test_each_arm_adds_its_own_share_of_the_augmented_pairs(pools):
     originals, aug = pools
     sizes = {arm: len(arm_data(arm, originals, aug, 0)) - len(originals) for arm in ARMS}
-    assert sizes == {"vanilla": 0, "rrm": 30, "causal-only": 4, "neutral-only": 12,
-                     "crome": 16, "crome-nofilter": 26, "vanilla-pairpm": 0, "rrm-pairpm": 30,
-                     "crome-pairpm": 16}
+    assert sizes == {"vanilla": 0, "rrm": 30, "causal-only": 4, "neutral-only": 9,
+                     "crome": 16, "crome-no-rewrite-ties": 13, "crome-nofilter": 26,
+                     "vanilla-pairpm": 0, "rrm-pairpm": 30, "crome-pairpm": 16}
+    # neutral-only holds no oracle rewrite: its ties all come from original pairs
+    neutral_only = arm_data("neutral-only", originals, aug, 0)[10:]
+    assert {r.provenance["parent_recipe"] for r in neutral_only} == {"original"}
+    # the ablation is crome less exactly the ties made from rewrites
+    crome = arm_data("crome", originals, aug, 0)
+    ablation = arm_data("crome-no-rewrite-ties", originals, aug, 0)
+    assert [r for r in crome if r not in ablation] == aug.kept_rewrite_ties()
+    assert ("crome-no-rewrite-ties", "crome") in comparisons(list(ARMS))
     assert arm_data("crome-pairpm", originals, aug, 0) == arm_data("crome", originals, aug, 0)
     for arm in ARMS:
         assert arm_data(arm, originals, aug, 0)[:10] == originals
@@ -218,6 +228,53 @@ def test_a_folder_made_before_an_option_existed_resumes_with_its_default(tmp_pat
     with pytest.raises(ValueError, match=r"lora_r: 0 -> 8"):
         check_resumable(tmp_path / "options.json",
                         preset_options(output_dir=str(tmp_path), lora_r=8))
+
+
+def test_the_causal_subset_has_no_length_limit_unless_asked(helpers):
+    from crome.experiment import augment_subset
+
+    records = helpers.varied_pairs(30, seed=1)
+    records[0].chosen = "long " * 400
+    log: list[str] = []
+    every = augment_subset(records, 30, None, 0, log)
+    assert len(every) == 30 and log[-1] == "causal subset: 30 of 30 preference pairs"
+    short = augment_subset(records, 30, 600, 0, log)
+    assert len(short) == 29 and "(1 longer pairs not eligible)" in log[-1]
+    assert preset_options("quickstart").augment_max_chars == 600
+    assert preset_options("standard").augment_max_chars is None
+    assert preset_options("large").augment_max_chars is None
+
+
+def test_tie_tau_is_an_option_checked_before_any_work():
+    assert preset_options(tie_tau=0.7).tie_tau == 0.7
+    with pytest.raises(ValueError, match="tie_tau"):
+        preset_options(tie_tau=0.3)
+
+
+def test_a_seed_changes_the_initial_head_and_the_same_seed_gives_the_same_model(
+        tmp_path, helpers, tiny_bert):
+    """Every arm's seed reaches the model's initialisation, not only the data order."""
+    import torch
+    from safetensors.torch import load_file
+
+    from crome.experiment import arm_train_options
+    from crome.train import train
+
+    records = helpers.varied_pairs(4, seed=2)
+    opts = preset_options(output_dir=str(tmp_path), backbone=tiny_bert, max_length=32,
+                          batch_size=4, lr=0.0, progress=False)
+
+    def head(seed: int, name: str) -> dict[str, torch.Tensor]:
+        to = arm_train_options(tmp_path / name, seed, opts)
+        assert to.model.seed == 0  # the model options do not carry it: train() passes it on
+        train(records, to)
+        weights = load_file(tmp_path / name / "model.safetensors")
+        return {k: v for k, v in weights.items() if k.startswith(("classifier", "score"))}
+
+    first, again, other = head(0, "a"), head(0, "b"), head(1, "c")
+    assert first and set(first) == set(other)
+    assert all(torch.equal(first[k], again[k]) for k in first)  # lr 0: the initial head
+    assert not all(torch.equal(first[k], other[k]) for k in first)
 
 
 def test_every_arm_trains_the_chosen_backbone_with_lora(tmp_path):

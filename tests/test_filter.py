@@ -8,7 +8,14 @@ import pytest
 
 from crome.data.io import read_pairs, write_pairs
 from crome.data.schema import PairRecord
-from crome.filter import FilterOptions, filter_pairs, group_of, label_confidence
+from crome.filter import (
+    FilterOptions,
+    FilterReport,
+    filter_pairs,
+    group_of,
+    label_confidence,
+    rewrite_length_ratio,
+)
 from crome.model import ModelOptions, RewardModel
 from crome.score import score_pairs
 
@@ -19,8 +26,56 @@ def test_label_confidence():
     assert label_confidence(pref, 0.0, 0.0) == pytest.approx(0.5)
     assert label_confidence(pref, 3.0, 0.0) == pytest.approx(1 / (1 + math.exp(-3)))
     assert label_confidence(pref, 0.0, 3.0) < 0.05  # the baseline gets it wrong
-    assert label_confidence(tie, 1.0, 1.0) == pytest.approx(1.0)  # equal rewards: a sure tie
-    assert label_confidence(tie, 5.0, 0.0) == label_confidence(tie, 0.0, 5.0) < 0.02
+    # a tie: the probability of the answer the baseline favours, in the same unit
+    assert label_confidence(tie, 1.0, 1.0) == pytest.approx(0.5)  # equal rewards: a tie
+    assert label_confidence(tie, 3.0, 0.0) == label_confidence(tie, 0.0, 3.0) \
+        == pytest.approx(1 / (1 + math.exp(-3)))
+
+
+def test_both_thresholds_are_probabilities_of_one_answer_beating_the_other():
+    with pytest.raises(ValueError, match="tie_tau"):
+        FilterOptions(tie_tau=0.4)  # below 0.5 every tie would be kept
+    with pytest.raises(ValueError, match="tau is a probability"):
+        FilterOptions(tau=1.5)
+    from crome.filter import is_kept
+
+    pref = PairRecord("a", "p", "x", "y")
+    tie = PairRecord("b", "p", "x", "y", label="tie")
+    opts = FilterOptions(tau=0.9, tie_tau=0.6)
+    assert is_kept(pref, 0.89, opts) and not is_kept(pref, 0.9, opts)
+    # a tie is kept where the baseline still prefers one answer (margin >= logit(0.6) = 0.405)
+    assert is_kept(tie, label_confidence(tie, 0.41, 0.0), opts)
+    assert not is_kept(tie, label_confidence(tie, 0.40, 0.0), opts)
+    assert is_kept(tie, label_confidence(tie, 0.0, 0.41), opts)
+
+
+def _causal(direction: str, chosen: str, rejected: str) -> PairRecord:
+    return PairRecord(f"{direction}-{len(chosen)}-{len(rejected)}", "p", chosen, rejected,
+                      provenance={"recipe": "causal", "attribute": "a",
+                                  "direction": direction})
+
+
+def test_the_report_gives_keep_rates_and_the_length_of_kept_rewrites_per_direction():
+    # a degrade rewrites the chosen answer into the rejected one, an upgrade the reverse
+    assert rewrite_length_ratio(_causal("degrade", "x" * 100, "y" * 50)) == 0.5
+    assert rewrite_length_ratio(_causal("upgrade", "x" * 150, "y" * 100)) == 1.5
+    assert rewrite_length_ratio(PairRecord("o", "p", "x", "y")) is None
+    report = FilterReport(tau=0.95, tie_tau=0.6, baseline="b")
+    report.add(_causal("upgrade", "x" * 150, "y" * 100), keep=True)
+    report.add(_causal("upgrade", "x" * 300, "y" * 100), keep=True)
+    report.add(_causal("upgrade", "x" * 90, "y" * 100), keep=True)
+    report.add(_causal("upgrade", "x" * 10, "y" * 100), keep=False)
+    report.add(_causal("degrade", "x" * 100, "y" * 80), keep=True)
+    d = report.to_dict()
+    assert d["groups"]["causal/a/upgrade"] == {"kept": 3, "dropped": 1, "keep_rate": 0.75}
+    up = d["rewrite_lengths"]["upgrade"]
+    assert up["kept"] == {"pairs": 3, "median_length_ratio": 1.5, "chosen_longer": 0.667}
+    assert up["dropped"]["pairs"] == 1 and up["dropped"]["chosen_longer"] == 0.0
+    assert d["rewrite_lengths"]["degrade"]["kept"]["median_length_ratio"] == 0.8
+    text = report.summary()
+    assert "causal/a/upgrade: kept 3, dropped 1 (75% kept)" in text
+    assert "kept upgrade rewrites: median length 1.50× their source answer; chosen answer " \
+           "longer in 67%" in text
 
 
 def test_group_of():
@@ -50,12 +105,19 @@ def test_filter_splits_by_tau_and_counts_per_group(tiny_rm, helpers):
     recs = _augmented(helpers)
     chosen, rejected = score_pairs(tiny_rm, recs)
     confs = [label_confidence(r, c, j) for r, c, j in zip(recs, chosen, rejected)]
-    tau = sorted(confs)[len(confs) // 2]  # about half kept
-    kept, dropped, report = filter_pairs(recs, tiny_rm, FilterOptions(tau=tau))
+    prefs = sorted(c for r, c in zip(recs, confs) if r.label != "tie")
+    ties = sorted(c for r, c in zip(recs, confs) if r.label == "tie")
+    tau, tie_tau = prefs[len(prefs) // 2], ties[len(ties) // 2]  # about half of each kept
+    kept, dropped, report = filter_pairs(recs, tiny_rm, FilterOptions(tau=tau, tie_tau=tie_tau))
     assert len(kept) + len(dropped) == len(recs)
-    assert {r.id for r in kept} == {r.id for r, c in zip(recs, confs) if c < tau}
+    assert {r.id for r in kept} == {r.id for r, c in zip(recs, confs)
+                                    if (c >= tie_tau if r.label == "tie" else c < tau)}
+    assert 0 < sum(r.label == "tie" for r in kept) < len(ties)
     for r in kept:
-        assert r.provenance["filter"]["p_label"] < tau + 1e-4
+        if r.label == "tie":
+            assert r.provenance["filter"]["p_favoured"] > tie_tau - 1e-4
+        else:
+            assert r.provenance["filter"]["p_label"] < tau + 1e-4
     d = report.to_dict()
     assert d["kept"] == len(kept) and d["dropped"] == len(dropped)
     assert sum(g["kept"] + g["dropped"] for g in d["groups"].values()) == len(recs)
@@ -64,7 +126,7 @@ def test_filter_splits_by_tau_and_counts_per_group(tiny_rm, helpers):
 
 def test_tie_tau_is_separate(tiny_rm, helpers):
     recs = _augmented(helpers)
-    kept, _, _ = filter_pairs(recs, tiny_rm, FilterOptions(tau=0.0, tie_tau=1.01))
+    kept, _, _ = filter_pairs(recs, tiny_rm, FilterOptions(tau=0.0, tie_tau=0.5))
     assert {r.label for r in kept} == {"tie"} and len(kept) == 8
 
 
@@ -89,10 +151,15 @@ def test_a_pairwise_baseline_filters_by_its_own_probabilities(pair_offline, help
     records = helpers.keyword_pairs(12, seed=3) + helpers.tie_pairs(6, seed=3)
     prefs = compare_texts(pair_offline, [r.prompt for r in records],
                           [r.chosen for r in records], [r.rejected for r in records])
-    want = [p.tie if r.label == "tie" else p.first for r, p in zip(records, prefs)]
-    tau = sorted(want)[len(want) // 2]  # about half kept
-    kept, dropped, _ = filter_pairs(records, pair_offline, FilterOptions(tau=tau))
-    assert {r.id for r in kept} == {r.id for r, w in zip(records, want) if w < tau}
+    want = [max(p.first, p.second) if r.label == "tie" else p.first
+            for r, p in zip(records, prefs)]
+    tau = sorted(w for r, w in zip(records, want) if r.label != "tie")[6]  # about half kept
+    tie_tau = max(0.5, sorted(w for r, w in zip(records, want) if r.label == "tie")[3])
+    kept, dropped, _ = filter_pairs(records, pair_offline,
+                                    FilterOptions(tau=tau, tie_tau=tie_tau))
+    assert {r.id for r in kept} == {r.id for r, w in zip(records, want)
+                                    if (w >= tie_tau if r.label == "tie" else w < tau)}
     assert 0 < len(kept) < len(records) and len(kept) + len(dropped) == len(records)
     for r in kept:
-        assert r.provenance["filter"]["p_label"] == round(want[records.index(r)], 4)
+        name = "p_favoured" if r.label == "tie" else "p_label"
+        assert r.provenance["filter"][name] == round(want[records.index(r)], 4)

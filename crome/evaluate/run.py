@@ -34,12 +34,14 @@ from crome.evaluate.reference import (
 )
 
 # The held-out sets of the quickstart (../shared/data/README.md: never used for training).
-HELD_OUT = ("hh-rlhf/helpful-base", "hh-rlhf/harmless-base", "llmbar", "xstest")
+HELD_OUT = ("hh-rlhf/helpful-base", "hh-rlhf/harmless-base", "ultrafeedback/eval", "llmbar",
+            "xstest")
 
 # Rows of the headline table: (label, eval set, subsets pooled or None for all).
 HEADLINE_ROWS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     ("helpful-base", "hh-rlhf/helpful-base", None),
     ("harmless-base", "hh-rlhf/harmless-base", None),
+    ("UltraFeedback eval", "ultrafeedback/eval", None),
     ("LLMBar Natural", "llmbar", ("llmbar-natural",)),
     ("LLMBar Adversarial", "llmbar", LLMBAR_ADVERSARIAL),
     ("LLMBar Processed", "llmbar", ("llmbar-processed-mtbench", "llmbar-processed-llmeval2",
