@@ -646,7 +646,8 @@ def _csv(text: str | None, kind: type) -> tuple | None:  # type: ignore[type-arg
 def experiment_cmd(
     preset: Annotated[str, typer.Option(
         help="quickstart (smallest, ~30 min on 2 cores), standard (all arms, tie:causal "
-             "sweep), large (GPU cluster with a served oracle)")] = "quickstart",
+             "sweep), large (GPU cluster with a served oracle), shortcut (a planted "
+             "preamble: does an arm refuse it?)")] = "quickstart",
     output_dir: Annotated[str | None, typer.Option(
         "--out", "-o", help="Run folder (default runs/<preset>); re-running resumes it")] = None,
     data_dir: DataDirOpt = None,
@@ -675,6 +676,12 @@ def experiment_cmd(
     batch_size: int | None = None,
     lr: float | None = None,
     tie_weight: Annotated[float | None, typer.Option(help="λ of the tie loss")] = None,
+    shortcut: Annotated[str | None, typer.Option(
+        help="Plant a feature in the training pairs: preamble or closer (the shortcut preset: "
+             "preamble)")] = None,
+    shortcut_rate: Annotated[float | None, typer.Option(
+        help="Share of training pairs with the feature on the chosen answer (the rest: on "
+             "the rejected one); default 0.95")] = None,
     oracle: Annotated[str | None, typer.Option(
         help="auto, llamacpp[:GGUF], hf[:FOLDER], openai:URL, rules (default auto)")] = None,
     oracle_model: Annotated[str | None, typer.Option("--oracle-model")] = None,
@@ -699,6 +706,9 @@ def experiment_cmd(
     ] = None,
     rewardbench: Annotated[bool | None, typer.Option(
         "--rewardbench/--no-rewardbench", help="Evaluate on the full RewardBench")] = None,
+    robustness: Annotated[bool | None, typer.Option(
+        "--robustness/--no-robustness",
+        help="Perturbations, best-of-N and the audit for every model")] = None,
     perturb_eval: Annotated[int | None, typer.Option(
         help="Perturbation suite: pairs per subset of LLMBar, helpful-base, GSM8K test")] = None,
     bon_questions: Annotated[int | None, typer.Option(help="Best-of-N: GSM8K questions")] = None,
@@ -724,7 +734,10 @@ def experiment_cmd(
     Presets: quickstart (vanilla and crome, seeds 0,1,2, 600 training pairs, 12 pairs
     augmented by the local oracle; ~30 min on 2 CPU cores), standard (every arm, tie:causal
     sweep 1 and 4, 2,000 training pairs, 60 augmented), large (everything, 5 seeds, meant
-    for `--oracle openai:URL` and `accelerate launch` on GPUs).
+    for `--oracle openai:URL` and `accelerate launch` on GPUs), shortcut (a polite preamble
+    planted on the chosen answer of 95% of 1,000 training pairs; vanilla, neutral-only,
+    causal-only and crome, 5 seeds, evaluated on helpful-base clean and with the preamble on
+    the rejected answer only).
 
     Writes results.json, results.md (figures and differences with CIs) and report/; every
     stage is cached, so re-running the same command resumes.
@@ -736,12 +749,12 @@ def experiment_cmd(
         seeds=_csv(seeds, int), tie_ratios=_csv(tie_ratios, float),
         causal_fractions=_csv(causal_fractions, float), backbone=backbone,
         lora_r=lora_r, max_length=max_length, pairwise_max_length=pairwise_max_length,
-        epochs=epochs, batch_size=batch_size, lr=lr, tie_weight=tie_weight, oracle=oracle,
-        oracle_model=oracle_model,
+        epochs=epochs, batch_size=batch_size, lr=lr, tie_weight=tie_weight,
+        shortcut=shortcut, shortcut_rate=shortcut_rate, oracle=oracle, oracle_model=oracle_model,
         cache=cache, augment_pairs=augment_pairs, attributes_per_pair=attributes,
         neutral_pairs=neutral_pairs, tau=tau, tie_tau=tie_tau, validate=validate,
         lookup_tokens=lookup_tokens,
-        rewardbench=rewardbench, perturb_eval=perturb_eval,
+        rewardbench=rewardbench, robustness=robustness, perturb_eval=perturb_eval,
         bon_questions=bon_questions, audit_probes=audit_probes, bootstrap=bootstrap,
         progress=progress)
     # 0 means "all" for the data limits, which None cannot say (it means "the preset's").

@@ -55,6 +55,7 @@ from crome.evaluate.run import (
     load_eval_sets,
     slug,
 )
+from crome.evaluate.shortcut import SHORTCUT_SETS, feature_fn, plant, shortcut_sets
 from crome.evaluate.stats import (
     Figure,
     format_difference,
@@ -71,6 +72,7 @@ from crome.score import ScoreOptions, model_scorer
 from crome.train import SUMMARY_FILE, TrainOptions, train
 
 # every training pair of ../shared/data (about 5,900; its README gives the roles)
+SHORTCUT_CLEAN = "hh-rlhf/helpful-base"  # the held-out set the shortcut twins are made of
 TRAIN_SOURCES = ("hh-rlhf/helpful-online", "hh-rlhf/helpful-rejection-sampled",
                  "ultrafeedback/train", "oasst1")
 PERTURB_SETS = ("llmbar", "hh-rlhf/helpful-base", "gsm8k")  # held out (gsm8k: test pairs)
@@ -131,6 +133,10 @@ class ExperimentOptions:
     batch_size: int = 16
     lr: float = 1e-4
     tie_weight: float = 1.0
+    # a planted shortcut (crome.evaluate.shortcut): the feature goes on the chosen answer of
+    # shortcut_rate of the training pairs and on the rejected one of the rest; "" = none
+    shortcut: str = ""
+    shortcut_rate: float = 0.95
     # augmentation (once for all arms)
     oracle: str = "auto"  # the local backend a probe measured fastest (crome.oracle.auto)
     oracle_model: str = ""
@@ -153,6 +159,7 @@ class ExperimentOptions:
     # evaluation (held-out data only)
     max_eval: int | None = 200  # first N pairs per subset of the held-out sets; None = all
     rewardbench: bool = True  # the full RewardBench, whatever max_eval says
+    robustness: bool = True  # perturbations, best-of-N and the audit for every model
     perturb_eval: int = 15
     bon_questions: int = 100
     audit_probes: int = 50
@@ -178,6 +185,11 @@ class ExperimentOptions:
             raise ValueError(f"causal fractions must be between 0 and 1 (1 is the crome arm), "
                              f"got {self.causal_fractions}")
         FilterOptions(tau=self.tau, tie_tau=self.tie_tau)  # checks both before any work
+        if self.shortcut:
+            feature_fn(self.shortcut)
+            if not 0.0 <= self.shortcut_rate <= 1.0:
+                raise ValueError(f"shortcut_rate is a share between 0 and 1, got "
+                                 f"{self.shortcut_rate}")
         if not self.output_dir:
             self.output_dir = f"runs/{self.preset}"
 
@@ -218,6 +230,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "attributes_per_pair": 2, "neutral_pairs": 4000, "max_length": 512, "max_eval": None,
         "perturb_eval": 200, "bon_questions": None, "audit_probes": 400, "bootstrap": 2000,
         "validate": True,
+    },
+    # Does the pipeline remove a shortcut it was never told about? A polite preamble on the
+    # chosen answer of 95% of the training pairs; held out: helpful-base clean, with the
+    # preamble on the rejected answer only (anti) and on the chosen answer only (pro).
+    "shortcut": {
+        "shortcut": "preamble", "shortcut_rate": 0.95, "max_train": 1000,
+        "arms": ("vanilla", "neutral-only", "causal-only", "crome"), "seeds": (0, 1, 2, 3, 4),
+        "augment_max_chars": 600, "max_eval": 300, "rewardbench": False, "robustness": False,
     },
 }
 
@@ -438,7 +458,7 @@ def evaluate_model(scorer: Scorer | Comparer, sets: Sequence[EvalSet], robust_se
     tag = slug(scorer.name)
     if not (eval_dir / f"results-{tag}.json").exists():
         evaluate_scorer(scorer, sets, eval_dir)
-    if (eval_dir / f"audit-{tag}.json").exists():
+    if not opts.robustness or (eval_dir / f"audit-{tag}.json").exists():
         return
     perturbed = evaluate_perturbations(scorer, robust_sets, PerturbOptions(seed=seed),
                                        output_dir=eval_dir)
@@ -467,6 +487,14 @@ def experiment(options: ExperimentOptions | None = None,
                                        cache=opts.cache or str(out / "oracle.sqlite3")))
     originals = training_pairs(data_dir, opts.max_train, opts.data_seed, log)
     sets = load_eval_sets(HELD_OUT, data_dir=data_dir, limit=opts.max_eval)
+    if opts.shortcut:
+        originals = plant(originals, opts.shortcut, opts.shortcut_rate, opts.data_seed)
+        on_chosen = sum(r.provenance["shortcut"]["side"] == "chosen" for r in originals)
+        log.append(f"shortcut {opts.shortcut!r} planted on the chosen answer of {on_chosen} "
+                   f"and the rejected answer of {len(originals) - on_chosen} training pairs")
+        clean = next(es for es in sets if es.name == SHORTCUT_CLEAN)
+        sets += [EvalSet(name, records)
+                 for name, records in shortcut_sets(clean.records, opts.shortcut).items()]
     if opts.rewardbench:
         sets += load_eval_sets((REWARDBENCH,), data_dir=data_dir)
     for es in sets:
@@ -498,12 +526,16 @@ def experiment(options: ExperimentOptions | None = None,
             trained[arm][seed] = train_arm(records, models / arm / f"seed-{seed}", seed, opts,
                                            pairwise=is_pairwise_arm(arm))
 
-    stages.start("evaluate every model on the held-out sets and the robustness suite")
-    robust_sets = load_eval_sets(PERTURB_SETS, data_dir=data_dir, limit=opts.perturb_eval)
-    probes, probe_log = rules_probe_pairs(out / "audit-probes", data_dir, opts.audit_probes,
-                                          opts.data_seed)
-    for line in probe_log:
-        echo(line)
+    stages.start("evaluate every model on the held-out sets"
+                 + (" and the robustness suite" if opts.robustness else ""))
+    robust_sets: list[EvalSet] = []
+    probes: list[PairRecord] = []
+    if opts.robustness:
+        robust_sets = load_eval_sets(PERTURB_SETS, data_dir=data_dir, limit=opts.perturb_eval)
+        probes, probe_log = rules_probe_pairs(out / "audit-probes", data_dir,
+                                              opts.audit_probes, opts.data_seed)
+        for line in probe_log:
+            echo(line)
     for seed in opts.seeds:
         eval_dir = out / f"seed-{seed}" / "eval"
         scorers: list[Scorer | Comparer] = [cls() for cls in REFERENCE_SCORERS.values()] \
@@ -531,7 +563,7 @@ def experiment(options: ExperimentOptions | None = None,
                              "arms": {a: {"mean": f.point(a), "per_seed": f.per_seed(a)}
                                       for a in arms}} for f in figures},
         "differences": [d.to_dict() for d in diffs],
-        "audit": audit_summary(out, arms, opts.seeds),
+        "audit": audit_summary(out, arms, opts.seeds) if opts.robustness else {},
         "log": log,
     }
     markdown = results_markdown(results)
@@ -656,9 +688,40 @@ def collect_figures(out: Path, arms: Sequence[str], seeds: Sequence[int]) -> lis
                   for a in arms}
         figures.append(Figure(f"helpful-base: Spearman(reward, length) (n={len(ids)})",
                               values, statistic=spearman_statistic, scale=1.0))
-    figures += perturbation_figures(out, arms, seeds)
-    figures += bon_figures(out, arms, seeds)
+    figures += shortcut_figures(examples, arms, seeds)
+    if (eval_dir(seeds[0]) / f"perturb-{slug(arms[0])}.json").exists():  # robustness ran
+        figures += perturbation_figures(out, arms, seeds)
+        figures += bon_figures(out, arms, seeds)
     return figures
+
+
+def shortcut_figures(examples: dict[str, dict[tuple[str, int], list[dict[str, Any]]]],
+                     arms: Sequence[str], seeds: Sequence[int]) -> list[Figure]:
+    """Accuracy with the planted feature on the rejected answer only (anti) and on the
+    chosen one only (pro), and the fall from clean to anti over the same pairs (points)."""
+    if slug(SHORTCUT_SETS[0]) not in examples:
+        return []
+    figures = []
+    for name in SHORTCUT_SETS:
+        ids, by_model = _aligned(examples[slug(name)], "id", lambda r: True)
+        figures.append(Figure(f"{name} (n={len(ids)})", _stack(arms, seeds, ids, by_model,
+                                                                _correct),
+                              weights=np.full(len(ids), 1 / len(ids))))
+    merged = {m: [{**c, "id": c["id"], "fall": _correct(c) - _correct(a)}
+                  for c, a in _pairs_by_id(examples[slug(SHORTCUT_CLEAN)][m],
+                                           examples[slug(SHORTCUT_SETS[0])][m])]
+              for m in examples[slug(SHORTCUT_CLEAN)]}
+    ids, by_model = _aligned(merged, "id", lambda r: True)
+    figures.append(Figure(f"shortcut: fall from clean to anti, pts (n={len(ids)})",
+                          _stack(arms, seeds, ids, by_model, lambda r: r["fall"]),
+                          weights=np.full(len(ids), 1 / len(ids))))
+    return figures
+
+
+def _pairs_by_id(first: list[dict[str, Any]],
+                 second: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    other = {r["id"]: r for r in second}
+    return [(r, other[r["id"]]) for r in first if r["id"] in other]
 
 
 def rewardbench_figures(rows: dict[tuple[str, int], list[dict[str, Any]]], arms: Sequence[str],

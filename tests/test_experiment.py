@@ -199,6 +199,35 @@ def test_quickstart_runs_arms_and_seeds_and_resumes(helpers, tmp_path):
     assert json.loads((out / "results.json").read_text())["figures"] == figures
 
 
+def test_the_shortcut_preset_plants_the_feature_and_reports_its_fall(helpers, tmp_path):
+    """The shortcut preset, tiny, with the rules oracle (no causal rewrite applies to hh-rlhf,
+    so crome adds ties only): the feature is planted, the twins are scored, and each arm's
+    fall from clean to anti comes with paired differences."""
+    out = tmp_path / "sc"
+    proc = helpers.run_cli(
+        "experiment", "--preset", "shortcut", "--out", out, "--oracle", "rules",
+        "--max-train", "40", "--max-eval", "6", "--augment-pairs", "2", "--neutral-pairs", "12",
+        "--seeds", "0,1", "--arms", "vanilla,neutral-only,crome", "--bootstrap", "100",
+        "--no-progress", timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:] + proc.stdout[-3000:]
+    assert "planted on the chosen answer of 38 and the rejected answer of 2" in proc.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["options"]["shortcut"] == "preamble"
+    assert {"shortcut-anti", "shortcut-pro"} <= set(results["held_out"])
+    names = list(results["figures"])
+    fall = next(n for n in names if n.startswith("shortcut: fall from clean to anti"))
+    anti = next(n for n in names if n.startswith("shortcut-anti"))
+    assert not any(n.startswith(("perturbations", "GSM8K")) for n in names)  # no robustness
+    cell = results["figures"][fall]["arms"]["vanilla"]
+    clean = next(n for n in names if n.startswith("helpful-base (n="))
+    for s, seed in enumerate(cell["per_seed"]):  # the fall is clean minus anti, per seed
+        assert seed == pytest.approx(results["figures"][clean]["arms"]["vanilla"]["per_seed"][s]
+                                     - results["figures"][anti]["arms"]["vanilla"]["per_seed"][s])
+    diffs = {(d["figure"], d["arm"], d["reference"]) for d in results["differences"]}
+    assert (fall, "crome", "vanilla") in diffs and (fall, "neutral-only", "crome") in diffs
+    assert not (out / "seed-0" / "eval" / "perturb-vanilla.json").exists()
+
+
 def test_a_run_folder_resumes_only_with_the_same_settings(tmp_path):
     from dataclasses import asdict
 
