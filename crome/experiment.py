@@ -71,8 +71,8 @@ from crome.rubrics import RubricOptions, make_rubrics, read_rubrics
 from crome.score import ScoreOptions, model_scorer
 from crome.train import SUMMARY_FILE, TrainOptions, train
 
-# every training pair of ../shared/data (about 5,900; its README gives the roles)
 SHORTCUT_CLEAN = "hh-rlhf/helpful-base"  # the held-out set the shortcut twins are made of
+# every training pair of ../shared/data (about 5,900; its README gives the roles)
 TRAIN_SOURCES = ("hh-rlhf/helpful-online", "hh-rlhf/helpful-rejection-sampled",
                  "ultrafeedback/train", "oasst1")
 PERTURB_SETS = ("llmbar", "hh-rlhf/helpful-base", "gsm8k")  # held out (gsm8k: test pairs)
@@ -707,7 +707,7 @@ def shortcut_figures(examples: dict[str, dict[tuple[str, int], list[dict[str, An
         figures.append(Figure(f"{name} (n={len(ids)})", _stack(arms, seeds, ids, by_model,
                                                                 _correct),
                               weights=np.full(len(ids), 1 / len(ids))))
-    merged = {m: [{**c, "id": c["id"], "fall": _correct(c) - _correct(a)}
+    merged = {m: [{"id": c["id"], "fall": _correct(c) - _correct(a)}
                   for c, a in _pairs_by_id(examples[slug(SHORTCUT_CLEAN)][m],
                                            examples[slug(SHORTCUT_SETS[0])][m])]
               for m in examples[slug(SHORTCUT_CLEAN)]}
