@@ -322,8 +322,13 @@ class Augmented:
 
     def kept_rewrite_ties(self) -> list[PairRecord]:
         """Kept neutral pairs whose answers come from a causal rewrite."""
-        return [r for r in self.kept_of("neutral")
-                if r.provenance.get("parent_recipe") == "causal"]
+        return [r for r in self.kept if is_rewrite_tie(r)]
+
+
+def is_rewrite_tie(rec: PairRecord) -> bool:
+    """A neutral pair made from a causal rewrite (not from an original pair)."""
+    return (rec.provenance.get("recipe") == "neutral"
+            and rec.provenance.get("parent_recipe") == "causal")
 
 
 def augmentation(originals: list[PairRecord], subset: list[PairRecord], baseline: Path,
@@ -402,13 +407,11 @@ def arm_data(arm: str, originals: list[PairRecord], aug: Augmented, seed: int) -
     elif arm == "causal-only":
         extra = aug.kept_of("causal")
     elif arm == "neutral-only":
-        extra = [r for r in aug.kept_of("neutral")
-                 if r.provenance.get("parent_recipe") != "causal"]
+        extra = [r for r in aug.kept_of("neutral") if not is_rewrite_tie(r)]
     elif arm == "crome":
         extra = aug.kept
     elif arm == "crome-no-rewrite-ties":
-        rewrite_ties = {id(r) for r in aug.kept_rewrite_ties()}
-        extra = [r for r in aug.kept if id(r) not in rewrite_ties]
+        extra = [r for r in aug.kept if not is_rewrite_tie(r)]
     elif arm == "crome-nofilter":
         extra = aug.causal + aug.neutral
     elif arm.startswith(SWEEP_PREFIX):

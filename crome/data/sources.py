@@ -486,31 +486,25 @@ def _score(value: Any) -> float | None:
     return float(value)
 
 
-_BAD_JSON = object()
-_UNPARSEABLE = "unparseable JSON line"
-_NOT_OBJECT = "line is not a JSON object"
-
-
-def _json_lines(path: Path) -> Iterator[tuple[int, Any]]:
-    """``(0-based line index, decoded value)`` per non-blank line of a gzipped JSONL file; a
-    line that is not JSON gives :data:`_BAD_JSON` (distinct from any value JSON can hold)."""
+def _json_lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """``(0-based line index, object)`` per non-blank line of a gzipped JSONL file; a line
+    that is not a JSON object gives its skip reason (a ``str``) instead."""
     with gzip.open(path, "rt", encoding="utf-8") as fh:
         for index, line in enumerate(fh):
             if not line.strip():
                 continue
             try:
-                yield index, json.loads(line)
+                obj = json.loads(line)
             except ValueError:
-                yield index, _BAD_JSON
+                yield index, "unparseable JSON line"
+                continue
+            yield index, obj if isinstance(obj, dict) else "line is not a JSON object"
 
 
 def _ultrafeedback_rows(path: Path, split: str) -> Iterator[dict[str, Any] | str]:
     for index, obj in _json_lines(path):
-        if obj is _BAD_JSON:
-            yield _UNPARSEABLE
-            continue
-        if not isinstance(obj, dict):
-            yield _NOT_OBJECT
+        if isinstance(obj, str):  # the line's skip reason
+            yield obj
             continue
         missing = [k for k in ("prompt", "chosen", "rejected") if not isinstance(obj.get(k), str)]
         if missing:
@@ -605,11 +599,8 @@ def _oasst1_rows(path: Path) -> Iterator[dict[str, Any] | str]:
     messages: dict[str, dict[str, Any]] = {}
     ranked: dict[str, list[dict[str, Any]]] = {}  # parent id -> ranked assistant replies
     for _, obj in _json_lines(path):
-        if obj is _BAD_JSON:
-            yield _UNPARSEABLE
-            continue
-        if not isinstance(obj, dict):
-            yield _NOT_OBJECT
+        if isinstance(obj, str):  # the line's skip reason
+            yield obj
             continue
         mid = obj.get("message_id")
         if not isinstance(mid, str) or not mid:
