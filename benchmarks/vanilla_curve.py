@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import random
 import sys
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 from _common import set_threads  # noqa: E402  (makes the checkout importable)
 
 from crome.data.sources import resolve_data_dir
+from crome.doctor import cpu_name
 from crome.evaluate.reference import LongerWins
 from crome.evaluate.run import evaluate_scorer, load_eval_sets
 from crome.experiment import arm_train_options, preset_options, training_pairs
@@ -43,16 +43,6 @@ from crome.score import ScoreOptions, model_scorer
 from crome.train import train
 
 EVAL_SETS = ("hh-rlhf/helpful-base", "ultrafeedback/eval")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def figures(results: dict) -> dict[str, float | None]:
