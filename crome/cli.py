@@ -398,7 +398,7 @@ def rubrics_cmd(
 def augment_cmd(
     data: DataOpt,
     output: Annotated[Path, typer.Option("--out", "-o", help="Pair JSONL (resumable)")],
-    recipe: Annotated[str, typer.Option(help="causal | neutral | rrm")] = "causal",
+    recipe: Annotated[str, typer.Option(help="causal | neutral | rrm | paraphrase")] = "causal",
     rubrics: Annotated[Path | None, typer.Option(help="From `crome rubrics` (causal)")] = None,
     data_dir: DataDirOpt = None,
     limit: Annotated[int | None, typer.Option(help="First N pairs of each source")] = None,
@@ -436,7 +436,8 @@ def augment_cmd(
     skip_invalid: SkipOpt = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
 ) -> None:
-    """Make causal, neutral (tie) or RRM pairs; streams to --out and resumes after a crash."""
+    """Make causal, neutral (tie), RRM or paraphrase (same-prompt tie) pairs; streams to --out
+    and resumes after a crash."""
     from crome.augment import RECIPES, AugmentOptions, augment
     from crome.progress import progress_callback
     from crome.rubrics import read_rubrics
@@ -462,11 +463,12 @@ def augment_cmd(
         if rubrics is None:
             raise typer.BadParameter("the causal recipe needs --rubrics (from `crome rubrics`)")
         rubric_map = read_rubrics(rubrics)
+    if recipe in ("causal", "paraphrase"):
         orc = _oracle(oracle, oracle_model, oracle_key_env, oracle_concurrency, cache)
-        if judge_oracle:
-            judge_orc = _oracle(judge_oracle, judge_oracle_model, oracle_key_env,
-                                oracle_concurrency, cache)
-    bar, tick = progress_callback(recipe, progress and recipe == "causal")
+    if recipe == "causal" and judge_oracle:
+        judge_orc = _oracle(judge_oracle, judge_oracle_model, oracle_key_env,
+                            oracle_concurrency, cache)
+    bar, tick = progress_callback(recipe, progress and orc is not None)
     try:
         report = augment(records, output, opts, oracle=orc, rubrics=rubric_map, progress=tick,
                          judge=judge_orc)
@@ -693,6 +695,9 @@ def experiment_cmd(
         help="Causal parents' longest answer in characters (quickstart: 600); 0 = no "
              "limit")] = None,
     neutral_pairs: Annotated[int | None, typer.Option(help="Original pairs made neutral")] = None,
+    paraphrase_pairs: Annotated[int | None, typer.Option(
+        help="Original pairs whose two answers get a same-prompt paraphrase tie (paraphrase "
+             "arms only; default 100)")] = None,
     tau: Annotated[float | None, typer.Option(
         help="Filter: keep preference pairs whose label the baseline gives P < tau")] = None,
     tie_tau: Annotated[float | None, typer.Option(
@@ -724,9 +729,12 @@ def experiment_cmd(
     off-prompt answers tie); causal-only: the causal pairs the filter kept; neutral-only:
     the kept neutral pairs made from original pairs; crome: every kept causal and neutral
     pair (neutral copies of rewrites included); crome-no-rewrite-ties: crome without the
-    neutral copies of rewrites; crome-nofilter: every causal and neutral pair, unfiltered; crome-ties-<r>x (--tie-ratios): the kept causal pairs and r times as
-    many kept neutral pairs; crome-causal-<f> (--causal-fractions): a nested fraction f of
-    the kept causal pairs and every kept neutral pair; vanilla-pairpm, rrm-pairpm,
+    neutral copies of rewrites; crome-nofilter: every causal and neutral pair, unfiltered;
+    paraphrase-only: the kept same-prompt ties of an answer and the oracle's paraphrase of
+    it; crome-paraphrase: crome plus those; crome-ties-<r>x (--tie-ratios): the kept
+    causal pairs and r times as many kept neutral pairs; crome-causal-<f>
+    (--causal-fractions): a nested fraction f of the kept causal pairs and every kept
+    neutral pair; vanilla-pairpm, rrm-pairpm,
     crome-pairpm: pairwise preference models on the data of vanilla, rrm, crome (ties and
     neutral pairs are their "Same" class). The augmentation and the baseline
     (vanilla, first seed; also the filter's baseline) are made once and shared.
@@ -736,8 +744,8 @@ def experiment_cmd(
     sweep 1 and 4, 2,000 training pairs, 60 augmented), large (everything, 5 seeds, meant
     for `--oracle openai:URL` and `accelerate launch` on GPUs), shortcut (a polite preamble
     planted on the chosen answer of 95% of 1,000 training pairs; vanilla, neutral-only,
-    causal-only and crome, 5 seeds, evaluated on helpful-base clean and with the preamble on
-    the rejected answer only).
+    paraphrase-only, causal-only, crome and crome-paraphrase, 5 seeds, evaluated on
+    helpful-base clean and with the preamble on the rejected answer only).
 
     Writes results.json, results.md (figures and differences with CIs) and report/; every
     stage is cached, so re-running the same command resumes.
@@ -752,7 +760,8 @@ def experiment_cmd(
         epochs=epochs, batch_size=batch_size, lr=lr, tie_weight=tie_weight,
         shortcut=shortcut, shortcut_rate=shortcut_rate, oracle=oracle, oracle_model=oracle_model,
         cache=cache, augment_pairs=augment_pairs, attributes_per_pair=attributes,
-        neutral_pairs=neutral_pairs, tau=tau, tie_tau=tie_tau, validate=validate,
+        neutral_pairs=neutral_pairs, paraphrase_pairs=paraphrase_pairs, tau=tau,
+        tie_tau=tie_tau, validate=validate,
         lookup_tokens=lookup_tokens,
         rewardbench=rewardbench, robustness=robustness, perturb_eval=perturb_eval,
         bon_questions=bon_questions, audit_probes=audit_probes, bootstrap=bootstrap,

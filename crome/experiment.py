@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from crome.augment import AugmentOptions, augment
+from crome.augment import AugmentOptions, AugmentReport, augment
 from crome.data.io import read_pairs, write_pairs
 from crome.data.schema import PairRecord
 from crome.data.sources import load_source, resolve_data_dir
@@ -88,12 +88,18 @@ ARMS: dict[str, str] = {
     "crome-no-rewrite-ties": "crome without the neutral copies of causal rewrites: what "
                              "those ties add",
     "crome-nofilter": "every causal and neutral pair, unfiltered",
+    # same-prompt ties (crome.augment, recipe "paraphrase"): a neutral recipe that names no
+    # feature, beside IQN's unrelated-prompt ties
+    "paraphrase-only": "the kept same-prompt paraphrase ties (an answer and the oracle's "
+                       "paraphrase of it, under its own prompt)",
+    "crome-paraphrase": "crome plus the kept same-prompt paraphrase ties",
     # Pairwise preference models (crome.pairwise) on the data of the BT arm of the same name
     "vanilla-pairpm": "a pairwise preference model on the vanilla arm's data",
     "rrm-pairpm": "a pairwise preference model on the rrm arm's data (off-prompt ties: Same)",
     "crome-pairpm": "a pairwise preference model on the crome arm's data (neutral pairs: Same)",
 }
 PAIRPM_SUFFIX = "-pairpm"
+PARAPHRASE_ARMS = ("paraphrase-only", "crome-paraphrase")
 # The tie:causal sweep adds arms ``crome-ties-<r>x``: the kept causal pairs and r times as
 # many kept neutral pairs (a seeded sample).
 SWEEP_PREFIX = "crome-ties-"
@@ -107,6 +113,8 @@ COMPARISONS: tuple[tuple[str, str], ...] = (
     ("crome", "vanilla"), ("crome", "rrm"), ("rrm", "vanilla"),
     ("causal-only", "crome"), ("neutral-only", "crome"), ("crome-nofilter", "crome"),
     ("crome-no-rewrite-ties", "crome"),
+    ("paraphrase-only", "vanilla"), ("paraphrase-only", "neutral-only"),
+    ("crome-paraphrase", "crome"),
     ("crome-pairpm", "vanilla-pairpm"), ("crome-pairpm", "rrm-pairpm"),
     ("rrm-pairpm", "vanilla-pairpm"), ("vanilla-pairpm", "vanilla"), ("crome-pairpm", "crome"),
 )
@@ -154,6 +162,9 @@ class ExperimentOptions:
     validate: bool = False
     lookup_tokens: int = 10  # llamacpp: prompt-lookup speculative decoding (0 = off)
     neutral_pairs: int = 300
+    # original pairs whose two answers get a same-prompt paraphrase tie each (only where a
+    # paraphrase arm runs; an oracle request per answer, as long as the answer)
+    paraphrase_pairs: int = 100
     tau: float = 0.95  # the filter keeps preferences whose label the baseline gives P < tau
     tie_tau: float = 0.6  # ... and ties where it favours one answer with P >= tie_tau
     # evaluation (held-out data only)
@@ -236,7 +247,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # preamble on the rejected answer only (anti) and on the chosen answer only (pro).
     "shortcut": {
         "shortcut": "preamble", "shortcut_rate": 0.95, "max_train": 1000,
-        "arms": ("vanilla", "neutral-only", "causal-only", "crome"), "seeds": (0, 1, 2, 3, 4),
+        "arms": ("vanilla", "neutral-only", "paraphrase-only", "causal-only", "crome",
+                 "crome-paraphrase"), "seeds": (0, 1, 2, 3, 4),
         "augment_max_chars": 600, "max_eval": 300, "rewardbench": False, "robustness": False,
     },
 }
@@ -314,11 +326,16 @@ class Augmented:
     causal: list[PairRecord]
     neutral: list[PairRecord]
     rrm: list[PairRecord]
+    paraphrase: list[PairRecord]
     kept: list[PairRecord]
     reports: dict[str, Any] = field(default_factory=dict)
 
     def kept_of(self, recipe: str) -> list[PairRecord]:
         return [r for r in self.kept if r.provenance.get("recipe") == recipe]
+
+    def kept_crome(self) -> list[PairRecord]:
+        """Kept causal and neutral pairs: Crome's own augmentation."""
+        return [r for r in self.kept if r.provenance.get("recipe") in ("causal", "neutral")]
 
     def kept_rewrite_ties(self) -> list[PairRecord]:
         """Kept neutral pairs whose answers come from a causal rewrite."""
@@ -331,15 +348,21 @@ def is_rewrite_tie(rec: PairRecord) -> bool:
             and rec.provenance.get("parent_recipe") == "causal")
 
 
+def uses_paraphrase(arms: Sequence[str]) -> bool:
+    return any(a.removesuffix(PAIRPM_SUFFIX) in PARAPHRASE_ARMS for a in arms)
+
+
 def augmentation(originals: list[PairRecord], subset: list[PairRecord], baseline: Path,
                  opts: ExperimentOptions, oracle: Any, out: Path,
                  stages: _Stages, echo: Callable[[str], Any]) -> Augmented:
-    """Rubrics, causal, neutral and RRM pairs (resumable files), then the filter."""
+    """Rubrics, causal, paraphrase (where an arm uses them), neutral and RRM pairs
+    (resumable files), then the filter."""
     aug = out / "augment"
     reports: dict[str, Any] = {}
     stages.start(f"rubrics and causal rewrites for {len(subset)} pairs "
                  f"(oracle: {opts.oracle})")
     bar, tick = progress_callback("rubrics", opts.progress)
+    paraphrase_report: AugmentReport | None = None
     try:
         rubric_report = make_rubrics(subset, oracle, aug / "rubrics.jsonl", RubricOptions(),
                                      tick)
@@ -352,11 +375,25 @@ def augmentation(originals: list[PairRecord], subset: list[PairRecord], baseline
                            attributes_per_pair=opts.attributes_per_pair,
                            candidates=opts.candidates, validate=opts.validate),
             oracle=oracle, rubrics=read_rubrics(aug / "rubrics.jsonl"), progress=tick)
+        if uses_paraphrase(opts.all_arms):
+            bar.close()
+            parents = random.Random(opts.data_seed + 3).sample(
+                originals, min(opts.paraphrase_pairs, len(originals)))
+            bar, tick = progress_callback("paraphrase", opts.progress)
+            paraphrase_report = augment(
+                parents, aug / "paraphrase.jsonl",
+                AugmentOptions(recipe="paraphrase", seed=opts.data_seed),
+                oracle=oracle, progress=tick)
     finally:
         bar.close()
         stats = getattr(oracle, "stats", None)
         oracle.close()
     echo(causal_report.summary())
+    paraphrase: list[PairRecord] = []
+    if paraphrase_report is not None:
+        echo(paraphrase_report.summary())
+        reports["paraphrase"] = paraphrase_report.to_dict()
+        paraphrase = read_pairs(aug / "paraphrase.jsonl")
     if stats is not None:
         echo(stats.summary())
     reports["rubrics"] = {"ok": rubric_report.ok, "fallback": rubric_report.fallback,
@@ -380,16 +417,16 @@ def augmentation(originals: list[PairRecord], subset: list[PairRecord], baseline
         reports["rrm"] = rrm_report.to_dict()
         rrm = read_pairs(aug / "rrm.jsonl")
 
-    stages.start(f"filter {len(causal) + len(neutral)} augmented pairs with the vanilla RM "
-                 f"(τ={opts.tau}, ties {opts.tie_tau})")
+    stages.start(f"filter {len(causal) + len(neutral) + len(paraphrase)} augmented pairs with "
+                 f"the vanilla RM (τ={opts.tau}, ties {opts.tie_tau})")
     kept, dropped, filter_report = filter_pairs(
-        causal + neutral, RewardModel.load(baseline),
+        causal + neutral + paraphrase, RewardModel.load(baseline),
         FilterOptions(tau=opts.tau, tie_tau=opts.tie_tau), "vanilla")
     write_pairs(kept, aug / "filtered.jsonl")
     write_pairs(dropped, aug / "dropped.jsonl")
     echo(filter_report.summary())
     reports["filter"] = filter_report.to_dict()
-    return Augmented(causal, neutral, rrm, kept, reports)
+    return Augmented(causal, neutral, rrm, paraphrase, kept, reports)
 
 
 def is_pairwise_arm(arm: str) -> bool:
@@ -409,9 +446,13 @@ def arm_data(arm: str, originals: list[PairRecord], aug: Augmented, seed: int) -
     elif arm == "neutral-only":
         extra = [r for r in aug.kept_of("neutral") if not is_rewrite_tie(r)]
     elif arm == "crome":
-        extra = aug.kept
+        extra = aug.kept_crome()
     elif arm == "crome-no-rewrite-ties":
-        extra = [r for r in aug.kept if not is_rewrite_tie(r)]
+        extra = [r for r in aug.kept_crome() if not is_rewrite_tie(r)]
+    elif arm == "paraphrase-only":
+        extra = aug.kept_of("paraphrase")
+    elif arm == "crome-paraphrase":
+        extra = aug.kept_crome() + aug.kept_of("paraphrase")
     elif arm == "crome-nofilter":
         extra = aug.causal + aug.neutral
     elif arm.startswith(SWEEP_PREFIX):

@@ -1,4 +1,5 @@
-"""Causal, neutral and RRM recipes on real data; the rewrite guards; kill -9 and resume."""
+"""Causal, neutral, RRM and paraphrase recipes on real data; the rewrite guards; kill -9 and
+resume."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from crome.augment import (
     clean_rewrite,
     failures_path,
     neutral_pairs,
+    paraphrase_pairs,
     rewrite_request,
     rrm_pairs,
 )
@@ -311,3 +313,77 @@ def test_oracle_errors_are_retried_by_the_next_run(tmp_path, embedder):
     assert len(read_pairs(out)) == len(recs)
     third = augment(recs, out, opts, oracle=Down(), rubrics=rubrics, embedder=embedder)
     assert third.resumed == len(recs) and third.n_produced == len(recs)
+
+
+# --- paraphrase ties ------------------------------------------------------------------------
+
+def test_cli_paraphrase_counts_every_task_the_oracle_cannot_do(tmp_path, helpers):
+    """The rules oracle has no paraphrase rule: every task is a final, counted failure, and a
+    re-run finds them all done."""
+    out = tmp_path / "p.jsonl"
+    args = ("augment", "-d", "hh-rlhf/helpful-online", "--limit", "5", "--recipe",
+            "paraphrase", "--oracle", "rules", "--out", out, "--no-progress")
+    first = helpers.run_cli(*args)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "paraphrase: 5 parent pairs, 10 tasks (0 done by an earlier run)" in first.stdout
+    assert "0 pairs produced, 10 tasks failed" in first.stdout
+    assert read_pairs(out) == []
+    failures = [json.loads(x) for x in failures_path(out).read_text().splitlines()]
+    assert len(failures) == 10 and {f["reason"] for f in failures} == {"not_applicable"}
+    assert sorted(f["side"] for f in failures) == ["chosen"] * 5 + ["rejected"] * 5
+    again = helpers.run_cli(*args)
+    assert "10 tasks (10 done by an earlier run)" in again.stdout
+
+
+def test_paraphrase_oracle_errors_are_retried_and_sides_checked(tmp_path, embedder):
+    recs = load_source("hh-rlhf/helpful-online", limit=3).records
+    out = tmp_path / "p.jsonl"
+    opts = AugmentOptions(recipe="paraphrase", paraphrase_sides=("chosen",))
+    down = paraphrase_pairs(recs, Down(), out, opts, embedder)
+    assert down.tasks == 3 and down.n_failed == 3 and set(down.failed) == {"chosen: oracle_error"}
+    # the server is back (the rules backend answers: no rule, a final failure)
+    back = paraphrase_pairs(recs, RulesOracle(), out, opts, embedder)
+    assert back.retried_errors == 3 and set(back.failed) == {"chosen: not_applicable"}
+    with pytest.raises(ValueError, match="chosen or rejected"):
+        paraphrase_pairs(recs, RulesOracle(), out,
+                         AugmentOptions(recipe="paraphrase", paraphrase_sides=("both",)),
+                         embedder)
+
+
+@pytest.mark.slow
+def test_paraphrase_ties_through_the_server(llama_server, tmp_path, embedder):
+    """Real paraphrases by the packaged model: each kept one is a tie of an answer and its
+    paraphrase under the answer's own prompt; a re-run is all cache and resume."""
+    from crome.evaluate.shortcut import plant
+    from crome.oracle import OracleOptions, make_oracle
+
+    helpful = load_source("hh-rlhf/helpful-online", limit=60).records
+    short = [r for r in helpful if max(len(r.chosen), len(r.rejected)) < 200][:3]
+    # the chosen answers open with a stock preamble, as in the shortcut preset
+    recs = plant(short, "preamble", 1.0, 0)
+    oracle = make_oracle(OracleOptions(spec=f"openai:{llama_server.base_url}",
+                                       model=llama_server.alias,
+                                       cache=str(tmp_path / "c.sqlite3")))
+    out = tmp_path / "p.jsonl"
+    try:
+        report = paraphrase_pairs(recs, oracle, out, AugmentOptions(recipe="paraphrase"),
+                                  embedder)
+        assert report.tasks == 6 and report.n_produced + report.n_failed == 6
+        pairs = read_pairs(out)
+        assert len(pairs) == report.n_produced
+        by_id = {r.id: r for r in recs}
+        for p in pairs:
+            parent = by_id[p.provenance["parent_id"]]
+            answer = getattr(parent, p.provenance["side"])
+            assert p.label == "tie" and p.prompt == parent.prompt
+            assert answer in (p.chosen, p.rejected) and p.chosen != p.rejected
+            assert p.provenance["similarity"] >= 0.6
+        print(report.summary())
+        for p in pairs:
+            print(p.provenance["side"], "|", p.chosen[:120], "|", p.rejected[:120])
+        misses = oracle.stats.misses
+        again = paraphrase_pairs(recs, oracle, out, AugmentOptions(recipe="paraphrase"),
+                                 embedder)
+        assert again.resumed == 6 and oracle.stats.misses == misses
+    finally:
+        oracle.close()

@@ -32,8 +32,10 @@ def pools():
     neutral = [_rec(i, "neutral", "tie",
                     parent_recipe="causal" if i % 4 == 0 else "original") for i in range(20)]
     rrm = [_rec(i, "rrm") for i in range(30)]
-    kept = causal[:4] + neutral[:12]  # 3 of the 12 kept ties come from rewrites
-    return originals, Augmented(causal, neutral, rrm, kept)
+    paraphrase = [_rec(i, "paraphrase", "tie") for i in range(8)]
+    # 3 of the 12 kept ties come from rewrites; 5 paraphrase ties kept
+    kept = causal[:4] + neutral[:12] + paraphrase[:5]
+    return originals, Augmented(causal, neutral, rrm, paraphrase, kept)
 
 
 def test_each_arm_adds_its_own_share_of_the_augmented_pairs(pools):
@@ -41,6 +43,7 @@ def test_each_arm_adds_its_own_share_of_the_augmented_pairs(pools):
     sizes = {arm: len(arm_data(arm, originals, aug, 0)) - len(originals) for arm in ARMS}
     assert sizes == {"vanilla": 0, "rrm": 30, "causal-only": 4, "neutral-only": 9,
                      "crome": 16, "crome-no-rewrite-ties": 13, "crome-nofilter": 26,
+                     "paraphrase-only": 5, "crome-paraphrase": 21,
                      "vanilla-pairpm": 0, "rrm-pairpm": 30, "crome-pairpm": 16}
     # neutral-only holds no oracle rewrite: its ties all come from original pairs
     neutral_only = arm_data("neutral-only", originals, aug, 0)[10:]
