@@ -692,8 +692,8 @@ def experiment_cmd(
     attributes: Annotated[int | None, typer.Option(
         help="Rubric attributes per pair (round-robin; 0 = all)")] = None,
     augment_max_chars: Annotated[int | None, typer.Option(
-        help="Causal parents' longest answer in characters (quickstart: 600); 0 = no "
-             "limit")] = None,
+        help="Causal and paraphrase parents' longest answer in characters (quickstart and "
+             "shortcut: 600); 0 = no limit")] = None,
     neutral_pairs: Annotated[int | None, typer.Option(help="Original pairs made neutral")] = None,
     paraphrase_pairs: Annotated[int | None, typer.Option(
         help="Original pairs whose two answers get a same-prompt paraphrase tie (paraphrase "

@@ -150,9 +150,9 @@ class ExperimentOptions:
     oracle_model: str = ""
     cache: str | None = None  # None: <output_dir>/oracle.sqlite3
     augment_pairs: int = 12
-    # causal parents' longest answer, in characters; None: no limit. Only the quickstart
-    # sets one: the local oracle decodes ~10 tokens/s on 2 cores, and a rewrite is as long
-    # as its answer (a 2,000-character answer costs a minute a candidate)
+    # causal (and paraphrase) parents' longest answer, in characters; None: no limit. Only
+    # the CPU presets set one: the local oracle decodes ~10 tokens/s on 2 cores, and a
+    # rewrite is as long as its answer (a 2,000-character answer costs a minute a candidate)
     augment_max_chars: int | None = None
     attributes_per_pair: int = 1
     candidates: int = 2
@@ -163,7 +163,8 @@ class ExperimentOptions:
     lookup_tokens: int = 10  # llamacpp: prompt-lookup speculative decoding (0 = off)
     neutral_pairs: int = 300
     # original pairs whose two answers get a same-prompt paraphrase tie each (only where a
-    # paraphrase arm runs; an oracle request per answer, as long as the answer)
+    # paraphrase arm runs; an oracle request per answer, as long as the answer; the pairs
+    # are drawn like the causal subset, within augment_max_chars)
     paraphrase_pairs: int = 100
     tau: float = 0.95  # the filter keeps preferences whose label the baseline gives P < tau
     tie_tau: float = 0.6  # ... and ties where it favours one answer with P >= tie_tau
@@ -306,14 +307,16 @@ def training_pairs(data_dir: Path | None, max_train: int | None, seed: int,
 
 
 def augment_subset(records: list[PairRecord], n: int, max_chars: int | None, seed: int,
-                   log: list[str]) -> list[PairRecord]:
+                   log: list[str], name: str = "causal subset") -> list[PairRecord]:
+    """A seeded sample of ``n`` preference pairs for an oracle recipe, of those whose answers
+    are at most ``max_chars`` characters (``None``: all)."""
     eligible = [r for r in records if r.label == "chosen" and (
         max_chars is None or max(len(r.chosen), len(r.rejected)) <= max_chars)]
     chosen = random.Random(seed + 1).sample(eligible, min(n, len(eligible)))
     if max_chars is None:
-        log.append(f"causal subset: {len(chosen)} of {len(eligible)} preference pairs")
+        log.append(f"{name}: {len(chosen)} of {len(eligible)} preference pairs")
     else:
-        log.append(f"causal subset: {len(chosen)} of {len(eligible)} pairs whose answers are "
+        log.append(f"{name}: {len(chosen)} of {len(eligible)} pairs whose answers are "
                    f"at most {max_chars} characters ({len(records) - len(eligible)} longer "
                    f"pairs not eligible)")
     return chosen
@@ -377,8 +380,10 @@ def augmentation(originals: list[PairRecord], subset: list[PairRecord], baseline
             oracle=oracle, rubrics=read_rubrics(aug / "rubrics.jsonl"), progress=tick)
         if uses_paraphrase(opts.all_arms):
             bar.close()
-            parents = random.Random(opts.data_seed + 3).sample(
-                originals, min(opts.paraphrase_pairs, len(originals)))
+            plog: list[str] = []
+            parents = augment_subset(originals, opts.paraphrase_pairs, opts.augment_max_chars,
+                                     opts.data_seed + 2, plog, "paraphrase subset")
+            echo(plog[0])
             bar, tick = progress_callback("paraphrase", opts.progress)
             paraphrase_report = augment(
                 parents, aug / "paraphrase.jsonl",
