@@ -10,8 +10,9 @@ the bar for vanilla is a RewardBench average of at least 60 and more than "longe
 Chat Hard.
 
 Every cell is a folder under ``--out`` (model and evaluation); a re-run skips finished cells, so
-a killed run resumes. The table goes to ``<out>/curve.md`` and ``<out>/curve.json``, with the
-CPU named and each cell's training loss (the mean of the last logging window) beside ln 2.
+a killed run resumes. The table, of every finished cell under ``--out`` (earlier runs' too), goes
+to ``<out>/curve.md`` and ``<out>/curve.json``, with the CPU named and each cell's training
+loss (the mean of the last logging window) beside ln 2.
 
     python benchmarks/vanilla_curve.py --pairs 1000,3000,0 --epochs 1,2,3
     python benchmarks/vanilla_curve.py --backbone qwen2.5-coder-0.5b-instruct --lora-r 16 \\
@@ -26,6 +27,7 @@ import argparse
 import json
 import math
 import random
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -114,20 +116,35 @@ def main() -> None:
                     print(f"{name}: trained {len(records)} pairs in "
                           f"{time.perf_counter() - t0:.0f} s, loss {summary.final_loss}",
                           flush=True)
-                summary = json.loads(summary_file.read_text())
-                result_file = cell / "eval" / "results-vanilla.json"
-                if not result_file.exists():
+                if not (cell / RESULTS).exists():
                     scorer = model_scorer(RewardModel.load(cell / "model"),
                                           ScoreOptions(batch_size=64), name="vanilla")
                     evaluate_scorer(scorer, sets, cell / "eval")
-                row = figures(json.loads(result_file.read_text()))
-                rows[name] = {"cell": {"pairs": len(records), "epochs": epochs, "seed": seed,
-                                       "steps": summary["steps"],
-                                       "final_loss": summary["final_loss"],
-                                       "seconds": summary["seconds"]}, **row}
-                print(f"{name}: " + ", ".join(
-                    f"{k} {100 * v:.1f}" for k, v in row.items() if v is not None), flush=True)
+                row = cell_row(cell)
+                print(f"{name}: " + ", ".join(f"{k} {100 * v:.1f}" for k, v in row.items()
+                                             if k != "cell" and v is not None), flush=True)
+    # every finished cell under --out, this run's and earlier runs' (same settings: --out is
+    # the experiment's folder), in the order pairs, epochs, seed
+    done = sorted((c for c in out.iterdir() if CELL.fullmatch(c.name)
+                   and (c / "train-summary.json").exists() and (c / RESULTS).exists()),
+                  key=lambda c: tuple(cell_row(c)["cell"][k] for k in ("pairs", "epochs", "seed")))
+    rows.update({c.name: cell_row(c) for c in done})
     write(out, rows, cpu, args)
+
+
+RESULTS = Path("eval") / "results-vanilla.json"
+CELL = re.compile(r"(\w+)-pairs_([\d.]+)-epochs_seed-(\d+)")
+
+
+def cell_row(cell: Path) -> dict:
+    """A finished cell's training figures and held-out accuracies."""
+    summary = json.loads((cell / "train-summary.json").read_text())
+    match = CELL.fullmatch(cell.name)
+    assert match is not None, cell
+    return {"cell": {"pairs": summary["pairs"], "epochs": float(match.group(2)),
+                     "seed": int(match.group(3)), "steps": summary["steps"],
+                     "final_loss": summary["final_loss"], "seconds": summary["seconds"]},
+            **figures(json.loads((cell / RESULTS).read_text()))}
 
 
 def write(out: Path, rows: dict, cpu: str, args: argparse.Namespace) -> None:
