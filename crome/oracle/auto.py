@@ -5,7 +5,7 @@ transformers in batches (``hf``, :mod:`crome.oracle.hf`). The probe sends both t
 rewrite-like requests (greedy, :data:`PROBE_TOKENS` new tokens each): llama.cpp
 :data:`LLAMA_PROBE_REQUESTS` of them, transformers one batch of :data:`HF_PROBE_BATCH`, and
 compares requests per hour. The pick, its figures and the reason are kept per machine and
-build (CPU model and flags, torch, transformers and llama.cpp's library) in
+build (CPU model and flags, torch, transformers, gguf and llama.cpp's library) in
 ``~/.cache/crome/oracle-auto.json``, so the probe runs once; ``crome doctor`` shows them.
 
 transformers is probed only where bf16 is fast here (the timed matmul of
@@ -70,8 +70,11 @@ class AutoChoice:
 
 
 def machine_key() -> str:
-    """CPU model and flags, torch, transformers and the llama.cpp library: what the pick
-    depends on."""
+    """CPU model and flags, torch, transformers, gguf (without it transformers cannot read
+    the packaged GGUF, and the pick is llama.cpp by default) and the llama.cpp library: what
+    the pick depends on."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import torch
     import transformers
 
@@ -86,7 +89,11 @@ def machine_key() -> str:
         cpu = platform.processor()
     lib = library_dir()
     llama = library_fingerprint(lib) if lib is not None and lib.is_dir() else "none"
-    material = json.dumps([cpu, torch.__version__, transformers.__version__, llama])
+    try:
+        gguf = version("gguf")
+    except PackageNotFoundError:
+        gguf = "none"
+    material = json.dumps([cpu, torch.__version__, transformers.__version__, gguf, llama])
     return hashlib.sha256(material.encode()).hexdigest()[:16]
 
 
